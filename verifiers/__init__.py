@@ -1,0 +1,1 @@
+"""Reward functions for RL with verifiable rewards: verifiers.get(name)(completion, ground_truth)."""
