@@ -1,0 +1,522 @@
+"""Supervised finetuning (instruction tuning) of a causal LM on chat conversations.
+
+The loss is the negative log-likelihood of every assistant turn (its content and the template's
+end-of-turn token) given everything before it; system and user turns are context only. Token
+losses are summed over the global batch (all micro-batches, all ranks) and divided by its number
+of loss tokens, so gradient accumulation and data parallelism give the same update as one big
+batch. Sequences of a micro-batch are packed into one row with restarting position ids, so no
+compute goes to padding and no sequence attends to another. Log-probs come from kernels/ (the
+head never materializes [tokens, vocab] logits).
+
+References: Ouyang et al. 2022 (InstructGPT, SFT stage); Lambert et al. 2024 (Tulu 3, the recipe
+whose data format and hyperparameters the defaults follow).
+
+    python sft.py                                  # the built-in demo: tiny model, data/, CPU ok
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-0.5B \\
+        --dataset allenai/tulu-3-sft-mixture --max_seq_len 4096 --lr 2e-5 \\
+        --per_device_batch_size 4 --grad_accum_steps 4 --num_epochs 2 --gradient_checkpointing
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import tyro
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kernels import linear_logprobs
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = "assets/tiny"
+    """hub id or local dir; a dir holding only a config is initialized randomly"""
+    dataset: str = "data/sft_train.jsonl"
+    """hub id or local .jsonl/.parquet with a `messages` column (Tulu 3 format)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str | None = "data/sft_eval.jsonl"
+    """same format as --dataset; its loss is logged as eval_loss (hub datasets: the 'test' split)"""
+    max_seq_len: int = 256
+    """conversations are truncated to this many tokens (real runs: 2048-4096)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+
+    # optimization
+    lr: float = 3e-3
+    """peak learning rate (the demo's tiny model wants 3e-3; Tulu 3 8B used 5e-6, 0.5B models 2e-5)"""
+    num_epochs: int = 1
+    """passes over the dataset (ignored when --max_steps is set)"""
+    max_steps: int | None = None
+    """optimizer steps to run; overrides --num_epochs"""
+    per_device_batch_size: int = 16
+    """sequences per micro-batch on each rank (packed into one row)"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step; global batch = this x per_device_batch_size x world size"""
+    warmup_ratio: float = 0.03
+    """fraction of steps with linear warmup from 0"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """decay after warmup, to 0 at the last step"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 disables)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype of params in forward/backward; master weights and grad reduction stay fp32.
+    auto = bf16 on CUDA, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    seed: int = 1
+    """seeds init, data order and everything random"""
+
+    # logging and checkpointing
+    output_dir: str = "runs/sft"
+    """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
+    save_every: int = 0
+    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    resume: bool = False
+    """continue from the latest output_dir/step_N"""
+    eval_every: int = 0
+    """eval loss every N steps (0: only at the end)"""
+    log_every: int = 1
+    """log metrics every N steps"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "nanopost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name (default: output_dir's name)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: chat-template tokenization with a loss mask on assistant turns
+
+
+def end_of_turn_token(tokenizer):
+    """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, ...): it must carry loss, and generation stops at it."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = text[text.rindex("PROBE") + len("PROBE"):]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids or ids[0] not in tokenizer.added_tokens_decoder:
+        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+    return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
+
+
+def check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+                             f"got {m!r:.200}")
+
+
+def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
+    """Token ids of the templated conversation and labels that equal the ids on assistant tokens
+    (content + end-of-turn token) and -100 elsewhere. Assistant spans are found by rendering each
+    prefix of the conversation, so any prefix-stable chat template works."""
+    check_messages(messages, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError(f"{where}: the conversation starts with an assistant message")
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise ValueError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
+                             "(not prefix-stable), so assistant tokens cannot be located")
+        end = upto.rfind(eot_text, len(prompt))
+        if end < 0:
+            raise ValueError(f"{where}: assistant turn {i} does not end with {eot_text!r}")
+        spans.append((len(prompt), end + len(eot_text)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc.input_ids[:max_seq_len]
+    labels = [tok if any(s <= start < e for s, e in spans) else -100
+              for tok, (start, _) in zip(ids, enc.offset_mapping)]
+    return ids, labels
+
+
+def load_rows(name, split):
+    import datasets  # imported here: it is slow to import and only needed once
+
+    if os.path.exists(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        return datasets.load_dataset(kind, data_files=name, split="train")
+    return datasets.load_dataset(name, split=split)
+
+
+def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
+    """Tokenized rows {input_ids, labels, n_loss}. A malformed row stops the run with its index.
+    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    rows = load_rows(name, split)
+    if "messages" not in rows.column_names:
+        raise ValueError(f"{name}: expected a `messages` column, found {rows.column_names}")
+
+    def tokenize(row, index):
+        ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, f"{name} row {index}")
+        # the loss at position t predicts token t+1, so the first token never counts
+        return {"input_ids": ids, "labels": labels, "n_loss": sum(x != -100 for x in labels[1:])}
+
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="tokenizing")
+        dist.barrier()
+    kept = rows.filter(lambda n: n > 0, input_columns="n_loss")
+    if rank == 0 and len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} rows with no assistant token within --max_seq_len")
+    if len(kept) == 0:
+        raise ValueError(f"{name}: no row has an assistant token within --max_seq_len={max_seq_len}")
+    return kept
+
+
+def global_batch(step, n_rows, batch_size, seed):
+    """Row indices of optimizer step `step`: a fresh permutation each epoch, the last partial
+    batch dropped. Every rank computes the same list, so nothing needs to be communicated."""
+    per_epoch = n_rows // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+def micro_batches(rows, indices, lengths, rank, world, accum, per_device):
+    """This rank's micro-batches of a global batch: rows sorted by length and dealt out so that
+    ranks get similar token counts. Each micro-batch is packed into one row with per-sequence
+    position ids (attention stays within a sequence) and next-token targets (-100 = no loss)."""
+    ordered = sorted(indices, key=lambda i: -lengths[i])
+    out = []
+    for m in range(accum):
+        start = (m * world + rank) * per_device
+        ids, pos, targets = [], [], []
+        for i in ordered[start:start + per_device]:
+            row = rows[i]
+            ids += row["input_ids"]
+            pos += range(len(row["input_ids"]))
+            targets += row["labels"][1:] + [-100]
+        out.append(tuple(torch.tensor([x]) for x in (ids, pos, targets)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so that one forward returns log-probs of the targets.
+    The head runs here, inside the FSDP root module, so FSDP unshards its weight (tied to the
+    embedding for Qwen) and reduces its gradient."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, targets):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = hidden.last_hidden_state.flatten(0, 1)
+        keep = targets.flatten() != -100
+        logp, _ = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep])
+        return logp
+
+
+def load_model(name, attn_implementation, rank):
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
+        if rank == 0:
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        config = AutoConfig.from_pretrained(name)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def lr_lambda(schedule, total_steps, warmup_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    return factor
+
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/step_N (sharded, resumable) and output_dir/final (Hugging Face)
+
+
+def latest_checkpoint(output_dir):
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d))] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, run_config, rank):
+    """Sharded model + optimizer via torch.distributed.checkpoint, plus scheduler, step and every
+    rank's RNG state; written to path.tmp and renamed, so a crash never leaves a partial step_N."""
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "config": run_config}, f)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer, scheduler, global_batch_size, seed, rank):
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved = state["config"]
+    saved_batch = saved["per_device_batch_size"] * saved["grad_accum_steps"] * saved["world_size"]
+    if (saved_batch, saved["seed"]) != (global_batch_size, seed):
+        raise ValueError(f"{path} was trained with a global batch of {saved_batch} sequences and --seed "
+                         f"{saved['seed']}; this run has {global_batch_size} and {seed}: the data order would "
+                         "not continue where it stopped")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
+    """Gathers the full weights and writes a Hugging Face directory (safetensors + tokenizer) that
+    from_pretrained and vLLM load; generation stops at the chat template's end-of-turn token."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.config.dtype = dtype
+        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+        lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python sft.py` becomes a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_args(args):
+    for name in ("per_device_batch_size", "grad_accum_steps", "max_seq_len", "num_epochs", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+
+
+def main(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+    # tokenizer and data
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    eot_text, eot_id = end_of_turn_token(tokenizer)
+    train = tokenize_dataset(args.dataset, args.dataset_split, tokenizer, eot_text, args.max_seq_len, rank)
+    evals = tokenize_dataset(args.eval_dataset, "test", tokenizer, eot_text, args.max_seq_len, rank).to_list() \
+        if args.eval_dataset else None
+    lengths = [len(x) for x in train["input_ids"]]
+    train_rows = train.to_list()
+    batch_size = args.per_device_batch_size * args.grad_accum_steps * world
+    if len(train_rows) < batch_size:
+        raise ValueError(f"{args.dataset} has {len(train_rows)} usable rows, fewer than one global batch "
+                         f"({batch_size} = per_device_batch_size x grad_accum_steps x world size)")
+    total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
+
+    # model, FSDP2 over each decoder layer and then the root
+    lm = load_model(args.model, args.attn_implementation, rank)
+    lm.config.use_cache = False
+    if args.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model = PolicyLogprobs(lm)
+    for layer in lm.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
+
+    start_step = 0
+    if args.resume:
+        path = latest_checkpoint(args.output_dir)
+        start_step = load_checkpoint(path, model, optimizer, scheduler, batch_size, args.seed, rank)
+        if rank == 0:
+            print(f"resumed from {path}")
+
+    def evaluate():
+        """Mean token NLL over the eval set; each rank takes every world-th row."""
+        model.eval()
+        nll, count = torch.zeros(2, dtype=torch.float64, device=device).unbind()
+        with torch.no_grad():
+            for start in range(rank * args.per_device_batch_size, len(evals), world * args.per_device_batch_size):
+                chunk = list(range(start, min(start + args.per_device_batch_size, len(evals))))
+                (ids, pos, targets), = micro_batches(evals, chunk, [0] * len(evals), 0, 1, 1, len(chunk))
+                logp = model(ids.to(device), pos.to(device), targets.to(device))
+                nll += -logp.sum().double()
+                count += logp.numel()
+        totals = torch.stack([nll, count])
+        dist.all_reduce(totals)
+        model.train()
+        return (totals[0] / totals[1]).item()
+
+    # logging
+    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0 and args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
+                   config=asdict(args))
+    flops_peak = peak_flops(device)
+    config = lm.config
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="sft")
+
+    def log(metrics, step):
+        if rank != 0:
+            return
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            import wandb
+            wandb.log(metrics, step=step)
+
+    # training loop
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        indices = global_batch(step - 1, len(train_rows), batch_size, args.seed)
+        n_loss_tokens = sum(train_rows[i]["n_loss"] for i in indices)
+        n_tokens = sum(lengths[i] for i in indices)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for ids, pos, targets in micro_batches(train_rows, indices, lengths, rank, world,
+                                               args.grad_accum_steps, args.per_device_batch_size):
+            logp = model(ids.to(device), pos.to(device), targets.to(device))
+            # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
+            (-logp.sum() * world / n_loss_tokens).backward()
+            loss_sum += -logp.detach().sum().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dist.all_reduce(loss_sum)
+        stop = torch.tensor(float(bool(stop_requested)), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        elapsed = time.perf_counter() - t0
+        if step % args.log_every == 0 or step == total_steps:
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            metrics = {"loss": loss_sum.item() / n_loss_tokens, "grad_norm": grad_norm.item(),
+                       "learning_rate": lr, "epoch": step * batch_size / len(train_rows),
+                       "perf/tokens_per_second": n_tokens / elapsed}
+            if flops_peak:
+                attention = 12 * config.num_hidden_layers * config.hidden_size * n_tokens / len(indices)
+                metrics["perf/mfu"] = (6 * n_params + attention) * n_tokens / elapsed / (world * flops_peak)
+            if evals is not None and args.eval_every and step % args.eval_every == 0:
+                metrics["eval_loss"] = evaluate()
+            log(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+        bar.update(1)
+        if (args.save_every and step % args.save_every == 0) or stop.item():
+            save_checkpoint(os.path.join(args.output_dir, f"step_{step}"), model, optimizer, scheduler, step,
+                            {**asdict(args), "world_size": world}, rank)
+        if stop.item():
+            if rank == 0:
+                print(f"SIGTERM: saved step_{step}, exiting")
+            dist.destroy_process_group()
+            return
+    bar.close()
+
+    if evals is not None:
+        eval_loss = evaluate()
+        log({"eval_loss": eval_loss}, step)
+        if rank == 0:
+            print(f"eval_loss {eval_loss:.4f}")
+    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
+    if rank == 0:
+        print(f"saved {os.path.join(args.output_dir, 'final')}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

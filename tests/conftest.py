@@ -1,0 +1,96 @@
+"""Shared helpers: launching the scripts as a user would (python or torchrun on CPU, gloo) and
+reading what they wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, nproc=1, timeout=900, check=True):
+    """Runs `python script args` (nproc=1) or `torchrun --nproc_per_node nproc script args` from the
+    repo root, one thread per process, and returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
+    if nproc == 1:
+        cmd = [sys.executable, script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), script]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(output_dir):
+    """metrics.jsonl as {step: merged metrics}; a resumed run's later lines override earlier ones."""
+    merged = {}
+    with open(Path(output_dir) / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            merged.setdefault(row["step"], {}).update(row)
+    return merged
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def root():
+    return ROOT
+
+
+def greedy_accuracy(model_dir, n_rows=300):
+    """Held-out exact-answer accuracy on data/test.jsonl: greedy completions whose '#### N' equals
+    the ground truth."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")][:n_rows]
+    correct = 0
+    for start in range(0, len(rows), 100):
+        chunk = rows[start:start + 100]
+        prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+                   for r in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False)
+        for row, ids in zip(chunk, out[:, enc.input_ids.shape[1]:]):
+            match = re.search(r"####\s*(-?\d+)", tokenizer.decode(ids, skip_special_tokens=True))
+            correct += bool(match and match.group(1) == row["ground_truth"])
+    return correct / len(rows)
+
+
+# The demo's SFT stage (the README's pipeline uses the same settings); the DPO, GRPO and PPO
+# learning tests start from it.
+SFT_DEMO_ARGS = ["--num_epochs", 3, "--lr_schedule", "cosine"]
+
+
+@pytest.fixture(scope="session")
+def sft_demo_checkpoint(tmp_path_factory):
+    """(final checkpoint dir, held-out accuracy) of the demo SFT run from random init."""
+    out = tmp_path_factory.mktemp("sft_demo") / "run"
+    run_script("sft.py", *SFT_DEMO_ARGS, "--output_dir", out)
+    return out / "final", greedy_accuracy(out / "final")
