@@ -49,6 +49,6 @@ def names() -> list[str]:
 
 
 # Importing the built-in modules registers them.
-from verifiers import gsm8k, math_answer, think_format  # noqa: E402,F401
+from verifiers import gsm8k, ifeval, math_answer, think_format  # noqa: E402,F401
 
 __all__ = ["Verifier", "get", "names", "register"]
