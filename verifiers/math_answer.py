@@ -70,8 +70,7 @@ def extract_answer(text: str) -> str:
 _REMOVED = [r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~",
             r"\$", "$", r"\%", "%", "^{\\circ}", "^\\circ", "\\circ", "°", r"\limits"]
 _RENAMED = [(r"\dfrac", r"\frac"), (r"\tfrac", r"\frac"), (r"\lbrace", r"\{"), (r"\rbrace", r"\}"),
-            ("bmatrix", "pmatrix"), (r"\varnothing", r"\emptyset"), (r"\le ", r"\leq "),
-            (r"\ge ", r"\geq "), (r"\neq", r"\ne")]
+            ("bmatrix", "pmatrix"), (r"\varnothing", r"\emptyset")]
 _TEXT_GROUP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf|textit|operatorname)\s*\{([^{}]*)\}")
 _TEXT_UNIT = re.compile(_TEXT_GROUP.pattern + r"(?:\^\{?[23]\}?)?")
 _UNIT = re.compile(
