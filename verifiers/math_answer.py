@@ -13,7 +13,8 @@ unwrapped otherwise (`\\text{Monday}`); common unit words after a number go; a l
 
 Equality, after normalization:
 - identical strings are equal;
-- `\\{a, b\\}` sets and bare lists `a, b` are compared as multisets (any order);
+- `\\{a, b\\}` sets and bare lists `a, b` are compared as multisets (any order, so the
+  set `\\{1, 2\\}` equals the list `2, 1`);
 - tuples and intervals `(a, b)`, `[a, b)` element by element, with the same brackets;
   unions `A \\cup B` part by part;
 - anything else is parsed as an expression (numbers, + - * / ^, implicit products, `\\frac`,
@@ -134,6 +135,18 @@ def _split_top_level(text: str, separator: str) -> list[str]:
     return parts
 
 
+def _set_items(text: str) -> str:
+    """`\\{a,b\\}` -> `a,b` (then compared as a bare list, in any order); other text unchanged."""
+    if not (text.startswith(r"\{") and text.endswith(r"\}")):
+        return text
+    inner, depth = text[2:-2], 0
+    for char in inner:  # `\{1\}\cup\{2\}` is not one set
+        depth += (char in _OPENERS) - (char in _CLOSERS)
+        if depth < 0:
+            return text
+    return inner
+
+
 def _strip_left_side(item: str) -> str:
     return _LEFT_SIDE.sub("", item) if item.count("=") <= 1 else item
 
@@ -158,9 +171,7 @@ def _equal(a: str, b: str) -> bool:
         return False
     if max(_max_nesting(a), _max_nesting(b)) > MAX_NESTING:
         return False
-    if a.startswith(r"\{") and a.endswith(r"\}") and b.startswith(r"\{") and b.endswith(r"\}"):
-        items_a, items_b = _split_top_level(a[2:-2], ","), _split_top_level(b[2:-2], ",")
-        return len(items_a) <= MAX_LIST_ITEMS and _same_multiset(items_a, items_b)
+    a, b = _set_items(a), _set_items(b)
     unions_a, unions_b = _split_top_level(a, r"\cup"), _split_top_level(b, r"\cup")
     if len(unions_a) > 1 or len(unions_b) > 1:
         return len(unions_a) == len(unions_b) and all(map(_equal, unions_a, unions_b))
