@@ -1,6 +1,7 @@
 """Verifiers: realistic answers per verifier, adversarial inputs under a time bound, dispatch."""
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -137,6 +138,7 @@ MATH_CASES = [
     ("42", "42", 1.0),
     ("\\boxed{42}", "So the total is $\\boxed{42}$.", 1.0),
     ("\\boxed{}", "42", 0.0),
+    ("\\boxed{\\{\\}}", "\\frac{1}{2}", 0.0),
     ("\\boxed{\\frac{1}{0}}", "1", 0.0),
 ]
 
@@ -413,3 +415,24 @@ def test_exponent_tower_is_not_evaluated_exactly():
     start = time.perf_counter()
     assert math_answer("\\boxed{9^{9^{9^9}}}", "9^{9^{9^8}}") == 0.0
     assert time.perf_counter() - start < 1.0
+
+
+def test_random_latex_fragments_never_raise():
+    # Seeded soup of the pieces answers are made of: every verifier returns a score in [0, 1]
+    # (math both ways round), never an exception, and stays fast.
+    fragments = ["\\boxed{", "\\fbox{", "{", "}", "(", ")", "[", "]", "\\{", "\\}", "\\frac", "\\sqrt", "^", "_",
+                 "-", "+", "/", ",", ".", "=", "\\in", "\\cup", "\\pi", "\\infty", "\\text{", "cm", "x", "2", "0",
+                 "1,000", "$", "\\%", "^\\circ", "!", "<think>", "</think>", "####", " ", "\n", "\\left(", "\\log_",
+                 "\\sin", "\\cdot", "\\\\", "The final answer is ", "***", "<<", ">>", "[x]", "P.S.", '"', "\u2212"]
+    truths = {"math": ["\\frac{1}{2}", "x^2+1", "(1,2)", "\\{1,2,3\\}", "[2,5)"], "gsm8k": ["18", "-0.5"],
+              "format": [""], "ifeval": ADVERSARIAL_TRUTHS["ifeval"][:6]}
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 40)))
+        for name, names_truths in truths.items():
+            for truth in names_truths:
+                start = time.perf_counter()
+                assert 0.0 <= verifiers.get(name)(text, truth) <= 1.0
+                if name == "math":
+                    assert 0.0 <= math_answer(truth, text) <= 1.0
+                assert time.perf_counter() - start < 1.0

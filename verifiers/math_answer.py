@@ -172,6 +172,8 @@ def _equal(a: str, b: str) -> bool:
     if max(_max_nesting(a), _max_nesting(b)) > MAX_NESTING:
         return False
     a, b = _set_items(a), _set_items(b)
+    if not a or not b:
+        return False
     unions_a, unions_b = _split_top_level(a, r"\cup"), _split_top_level(b, r"\cup")
     if len(unions_a) > 1 or len(unions_b) > 1:
         return len(unions_a) == len(unions_b) and all(map(_equal, unions_a, unions_b))
