@@ -84,6 +84,11 @@ _LEFT_SIDE = re.compile(r"^(?:[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?|\\[a-zA-Z
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
+def _strip_left_side(item: str) -> str:
+    """`x = 5` -> `5`, `x \\in [2, 5)` -> `[2, 5)`; an equation with several `=` is kept."""
+    return _LEFT_SIDE.sub("", item) if item.count("=") <= 1 else item
+
+
 def normalize(answer: str) -> str:
     """Canonical string form of an answer (see module docstring)."""
     text = normalize_minus(answer).strip()
@@ -94,7 +99,7 @@ def normalize(answer: str) -> str:
     without_text = _TEXT_UNIT.sub("", text)
     text = without_text if re.search(r"\d", without_text) else _TEXT_GROUP.sub(r"\1", text)
     text = _UNIT.sub("", text.strip())
-    text = _LEFT_SIDE.sub("", text) if text.count("=") <= 1 else text
+    text = _strip_left_side(text)
     text = re.sub(r"\s+", "", text).rstrip(".")
     if _THOUSANDS.match(text):
         text = text.replace(",", "")
@@ -145,10 +150,6 @@ def _set_items(text: str) -> str:
         if depth < 0:
             return text
     return inner
-
-
-def _strip_left_side(item: str) -> str:
-    return _LEFT_SIDE.sub("", item) if item.count("=") <= 1 else item
 
 
 def _same_multiset(items_a: list[str], items_b: list[str]) -> bool:
