@@ -168,3 +168,10 @@ def test_import_kernels_does_not_import_triton_and_cpu_uses_torch():
     root = Path(kernels.__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_benchmark_script_starts_without_gpu():
+    root = Path(kernels.__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--help"], capture_output=True,
+                            text=True, check=True, cwd=root)
+    assert "--hidden" in result.stdout
