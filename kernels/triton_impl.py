@@ -217,10 +217,11 @@ def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, in
     if deterministic:
         launch_tiles((n_row_blocks, 1), weight, None, 0, triton.cdiv(vocab, blocks["BLOCK_V"]),
                      STEP_N=0, STEP_V=1, GRAD_HIDDEN=True, GRAD_WEIGHT=False, ATOMIC=False)
-    chunk_rows = max(1, GRAD_WEIGHT_CHUNK_ELEMENTS // hidden_dim // blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    chunk_rows = min(vocab, max(1, GRAD_WEIGHT_CHUNK_ELEMENTS // hidden_dim // blocks["BLOCK_V"]) * blocks["BLOCK_V"])
+    chunk_buffer = torch.empty(chunk_rows, hidden_dim, **fp32_grad)  # reused: one chunk alive at a time
     for start in range(0, vocab, chunk_rows):
         end = min(start + chunk_rows, vocab)
-        accumulator = torch.zeros(end - start, hidden_dim, **fp32_grad)
+        accumulator = chunk_buffer[: end - start].zero_()
         n_vocab_blocks = triton.cdiv(end - start, blocks["BLOCK_V"])
         if deterministic:
             launch_tiles((1, n_vocab_blocks), weight[start:end], accumulator, start, n_row_blocks,
@@ -229,6 +230,7 @@ def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, in
             launch_tiles((n_row_blocks, n_vocab_blocks), weight[start:end], accumulator, start, 1,
                          STEP_N=0, STEP_V=0, GRAD_HIDDEN=True, GRAD_WEIGHT=True, ATOMIC=True)
         grad_weight[start:end] = accumulator
+    del chunk_buffer, accumulator
     return grad_hidden.to(hidden.dtype), grad_weight
 
 
