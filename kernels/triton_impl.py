@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # fp32 elements of the grad_weight accumulator (128 MiB): the vocab is processed in chunks of
-# about this many / H rows (37449 at H = 896, 8192 at H = 4096).
+# this many / H rows, in whole vocab blocks (37376 rows at H = 896, 8192 at H = 4096).
 GRAD_WEIGHT_CHUNK_ELEMENTS = 2**25
 
 
