@@ -10,7 +10,14 @@ w.r.t. hidden and weight; gradients come back in the inputs' dtypes. Logits are 
 
 SFT loss is -logp.sum() / n_loss_tokens; DPO sums logp per sequence; PPO and GRPO use per-token
 logp (at the sampling temperature) and entropy.
+
+On CUDA tensors of one dtype, with triton installed, this runs the Triton kernels of
+`kernels.triton_impl`; elsewhere the chunked torch reference of `kernels.reference`. The Triton
+backward is bitwise reproducible (at some cost) when `torch.use_deterministic_algorithms(True)`
+is on or NANOPOST_DETERMINISTIC=1; see kernels/README.md.
 """
+
+import importlib.util
 
 import torch
 
@@ -32,6 +39,14 @@ def _check(hidden, weight, targets, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+# triton is imported only when a CUDA call needs it, so `import kernels` works without it
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=False):
     _check(hidden, weight, targets, temperature)
+    if hidden.is_cuda and weight.is_cuda and hidden.dtype == weight.dtype and _HAS_TRITON:
+        from kernels.triton_impl import linear_logprobs_triton
+
+        return linear_logprobs_triton(hidden, weight, targets, temperature, ignore_index, with_entropy)
     return linear_logprobs_torch(hidden, weight, targets.long(), temperature, ignore_index, with_entropy)

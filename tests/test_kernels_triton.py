@@ -1,0 +1,177 @@
+"""The Triton kernels of kernels.triton_impl, run by the Triton interpreter on CPU in fp32 at tiny
+shapes, against the torch reference and a plain fp64 torch computation.
+
+Triton chooses between interpreting and compiling when it is imported, once per process, so this
+module turns the interpreter on before anything imports triton, for the rest of the process
+(tests/test_kernels_gpu.py runs its checks in child processes without it).
+"""
+
+import os
+import sys
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    raise ImportError("triton was imported without TRITON_INTERPRET=1; run this file in a pytest process of its own")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import triton_impl  # noqa: E402
+from kernels.reference import linear_logprobs_torch  # noqa: E402
+
+
+def plain(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=True):
+    logits = hidden.double() @ weight.double().T / temperature
+    logprobs = torch.log_softmax(logits, -1)
+    valid = targets != ignore_index
+    logp = logprobs.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1) * valid
+    entropy = -(logprobs.exp() * logprobs).sum(-1) * valid
+    return logp, entropy
+
+
+def make(n, h, v, seed=0, ignore_frac=0.2, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g) * scale
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_frac] = -100
+    return hidden, weight, targets
+
+
+def run(fn, hidden, weight, targets, w_logp, w_ent, **kwargs):
+    """Values and gradients of sum(w_logp * logp + w_ent * entropy); a None weight drops its term."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = fn(h, w, targets, with_entropy=True, **kwargs)
+    loss = 0.0
+    if w_logp is not None:
+        loss = loss + (logp * w_logp).sum()
+    if w_ent is not None:
+        loss = loss + (entropy * w_ent).sum()
+    loss.backward()
+    return logp.detach(), None if entropy is None else entropy.detach(), h.grad, w.grad
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches(triton_out, ref_out, grad_tol=2e-5):
+    for name, x, ref in zip(("logp", "entropy"), triton_out[:2], ref_out[:2]):
+        if ref is not None:
+            assert x.dtype == torch.float32, name
+            torch.testing.assert_close(x.double(), ref.double(), rtol=1e-5, atol=1e-5, msg=name)
+    for name, x, ref in zip(("grad_hidden", "grad_weight"), triton_out[2:], ref_out[2:]):
+        assert rel_err(x, ref) < grad_tol, name
+
+
+# ragged in every dim at the interpreter's 16-wide tiles: V = 101 and 17 leave 5 and 1 columns in
+# the last vocab block (as 50257 and 32001 do at 128-wide tiles), H = 24 half a block
+@pytest.mark.parametrize("n,h,v", [(33, 24, 101), (16, 16, 16), (1, 8, 3), (5, 40, 17)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_matches_reference_and_fp64(n, h, v, temperature, deterministic):
+    hidden, weight, targets = make(n, h, v)
+    g = torch.Generator().manual_seed(1)
+    w_logp, w_ent = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent,
+              temperature=temperature, deterministic=deterministic)
+    assert_matches(got, run(linear_logprobs_torch, hidden, weight, targets, w_logp, w_ent, temperature=temperature))
+    assert_matches(got, run(plain, hidden.double(), weight.double(), targets, w_logp, w_ent, temperature=temperature))
+    ignored = targets == -100
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all() and (got[2][ignored] == 0).all()
+
+
+def test_gpu_tile_sizes_on_a_real_vocab(monkeypatch):
+    # the 128-wide tiles used on CUDA, with V = 32001 leaving 1 column in the last block
+    monkeypatch.setattr(triton_impl, "_config", lambda device: (dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64), {}))
+    hidden, weight, targets = make(3, 16, 32001)
+    w_logp, w_ent = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.3, -1.0, 0.7])
+    got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent, deterministic=False)
+    assert_matches(got, run(plain, hidden.double(), weight.double(), targets, w_logp, w_ent), grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grad_weight_in_vocab_chunks(monkeypatch, deterministic):
+    # 3 vocab blocks per grad_weight chunk: 101 rows make 3 chunks, the last one ragged
+    hidden, weight, targets = make(20, 24, 101)
+    monkeypatch.setattr(triton_impl, "GRAD_WEIGHT_CHUNK_ELEMENTS", 3 * 16 * 24)
+    w_logp, w_ent = torch.ones(20), torch.full((20,), 0.5)
+    got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent,
+              deterministic=deterministic)
+    assert_matches(got, run(plain, hidden.double(), weight.double(), targets, w_logp, w_ent))
+
+
+def test_deterministic_gradients_are_bitwise_repeatable():
+    hidden, weight, targets = make(40, 24, 101, seed=3)
+    w_logp, w_ent = torch.rand(40) + 0.5, torch.randn(40)
+    first, second = (run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent,
+                         temperature=0.9, deterministic=True) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # the atomic path sums in another order: equal up to rounding only
+    fast = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent,
+               temperature=0.9, deterministic=False)
+    assert_matches(fast, first)
+
+
+def test_deterministic_default_follows_torch_and_env(monkeypatch):
+    monkeypatch.delenv("NANOPOST_DETERMINISTIC", raising=False)
+    assert not triton_impl.deterministic_default()
+    monkeypatch.setenv("NANOPOST_DETERMINISTIC", "1")
+    assert triton_impl.deterministic_default()
+    monkeypatch.delenv("NANOPOST_DETERMINISTIC")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert triton_impl.deterministic_default()
+
+
+def test_logp_only_entropy_only_and_custom_ignore_index():
+    hidden, weight, targets = make(18, 16, 40, ignore_frac=0.0)
+    targets[4] = 7  # an ignore_index that is also a vocab id
+    w = torch.rand(18) + 0.5
+    for w_logp, w_ent in ((w, None), (None, w)):  # one of the two output gradients is None
+        got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent,
+                  ignore_index=7, deterministic=False)
+        assert_matches(got, run(linear_logprobs_torch, hidden, weight, targets, w_logp, w_ent, ignore_index=7))
+        assert got[0][4] == 0 and got[1][4] == 0 and (got[2][4] == 0).all()
+    logp, entropy = triton_impl.linear_logprobs_triton(hidden, weight, targets)
+    assert entropy is None and logp.dtype == torch.float32
+
+
+def test_entropy_of_peaked_and_uniform_distributions():
+    # large logits: entropy near 0, where lse - E[z] would cancel badly; zero weights: log V exactly
+    hidden, weight, targets = make(20, 16, 101, scale=60.0, ignore_frac=0.0)
+    _, entropy = triton_impl.linear_logprobs_triton(hidden, weight, targets, with_entropy=True)
+    _, ref = plain(hidden, weight, targets)
+    assert ref.min() < 1e-3
+    torch.testing.assert_close(entropy.double(), ref, rtol=1e-4, atol=1e-6)
+    logp, entropy = triton_impl.linear_logprobs_triton(hidden, torch.zeros_like(weight), targets, with_entropy=True)
+    torch.testing.assert_close(entropy, torch.full((20,), torch.log(torch.tensor(101.0)).item()))
+    torch.testing.assert_close(logp, -entropy)
+
+
+def test_mixed_dtypes_are_rejected():
+    hidden, weight, targets = make(4, 16, 20)
+    with pytest.raises(ValueError, match="share a dtype"):
+        triton_impl.linear_logprobs_triton(hidden.double(), weight, targets)
+
+
+def test_import_kernels_does_not_import_triton_and_cpu_uses_torch():
+    code = ("import sys, torch, kernels\n"
+            "hidden = torch.randn(3, 8, requires_grad=True)\n"
+            "logp, _ = kernels.linear_logprobs(hidden, torch.randn(5, 8), torch.tensor([0, 1, 2]))\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n"
+            "assert type(logp.grad_fn).__name__ == '_LinearLogprobsBackward', type(logp.grad_fn)\n")
+    root = Path(kernels.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_benchmark_script_starts_without_gpu():
+    root = Path(kernels.__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--help"], capture_output=True,
+                            text=True, check=True, cwd=root)
+    assert "--hidden" in result.stdout
