@@ -4,9 +4,9 @@ The loss is the negative log-likelihood of every assistant turn (its content and
 end-of-turn token) given everything before it; system and user turns are context only. Token
 losses are summed over the global batch (all micro-batches, all ranks) and divided by its number
 of loss tokens, so gradient accumulation and data parallelism give the same update as one big
-batch. Sequences of a micro-batch are packed into one row with restarting position ids, so no
-compute goes to padding and no sequence attends to another. Log-probs come from kernels/ (the
-head never materializes [tokens, vocab] logits).
+batch. Each global batch is sorted by length before it is split into micro-batches, so padding
+stays small. Log-probs come from kernels/ (the head never materializes [tokens, vocab] logits,
+and runs only on loss tokens).
 
 References: Ouyang et al. 2022 (InstructGPT, SFT stage); Lambert et al. 2024 (Tulu 3, the recipe
 whose data format and hyperparameters the defaults follow).
@@ -65,7 +65,7 @@ class Args:
     max_steps: int | None = None
     """optimizer steps to run; overrides --num_epochs"""
     per_device_batch_size: int = 16
-    """sequences per micro-batch on each rank (packed into one row)"""
+    """sequences per micro-batch on each rank"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; global batch = this x per_device_batch_size x world size"""
     warmup_ratio: float = 0.03
@@ -203,21 +203,24 @@ def global_batch(step, n_rows, batch_size, seed):
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
 
-def micro_batches(rows, indices, lengths, rank, world, accum, per_device):
-    """This rank's micro-batches of a global batch: rows sorted by length and dealt out so that
-    ranks get similar token counts. Each micro-batch is packed into one row with per-sequence
-    position ids (attention stays within a sequence) and next-token targets (-100 = no loss)."""
+def micro_batches(rows, indices, lengths, rank, world, accum, per_device, pad_id):
+    """This rank's micro-batches of a global batch. Rows are sorted by length before they are
+    dealt out, so a micro-batch holds similar lengths and little padding. Each is right-padded to
+    its longest row: input ids [B, T] and next-token targets [B, T] (-100 = no loss). Causal
+    attention never lets a real token see the padding after it, so no attention mask is needed."""
     ordered = sorted(indices, key=lambda i: -lengths[i])
     out = []
     for m in range(accum):
         start = (m * world + rank) * per_device
-        ids, pos, targets = [], [], []
-        for i in ordered[start:start + per_device]:
-            row = rows[i]
-            ids += row["input_ids"]
-            pos += range(len(row["input_ids"]))
-            targets += row["labels"][1:] + [-100]
-        out.append(tuple(torch.tensor([x]) for x in (ids, pos, targets)))
+        chunk = [rows[i] for i in ordered[start:start + per_device]]
+        width = max(len(row["input_ids"]) for row in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        targets = torch.full((len(chunk), width), -100)
+        for b, row in enumerate(chunk):
+            n = len(row["input_ids"])
+            ids[b, :n] = torch.tensor(row["input_ids"])
+            targets[b, :n - 1] = torch.tensor(row["labels"][1:])
+        out.append((ids, targets))
     return out
 
 
@@ -234,8 +237,8 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, position_ids, targets):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    def forward(self, input_ids, targets):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False)
         hidden = hidden.last_hidden_state.flatten(0, 1)
         keep = targets.flatten() != -100
         logp, _ = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep])
@@ -391,6 +394,8 @@ def main(args):
         if args.eval_dataset else None
     lengths = [len(x) for x in train["input_ids"]]
     train_rows = train.to_list()
+    eval_lengths = [len(row["input_ids"]) for row in evals] if evals else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id  # never a target
     batch_size = args.per_device_batch_size * args.grad_accum_steps * world
     if len(train_rows) < batch_size:
         raise ValueError(f"{args.dataset} has {len(train_rows)} usable rows, fewer than one global batch "
@@ -431,8 +436,8 @@ def main(args):
         with torch.no_grad():
             for start in range(rank * args.per_device_batch_size, len(evals), world * args.per_device_batch_size):
                 chunk = list(range(start, min(start + args.per_device_batch_size, len(evals))))
-                (ids, pos, targets), = micro_batches(evals, chunk, [0] * len(evals), 0, 1, 1, len(chunk))
-                logp = model(ids.to(device), pos.to(device), targets.to(device))
+                (ids, targets), = micro_batches(evals, chunk, eval_lengths, 0, 1, 1, len(chunk), pad_id)
+                logp = model(ids.to(device), targets.to(device))
                 nll += -logp.sum().double()
                 count += logp.numel()
         totals = torch.stack([nll, count])
@@ -468,9 +473,9 @@ def main(args):
         n_loss_tokens = sum(train_rows[i]["n_loss"] for i in indices)
         n_tokens = sum(lengths[i] for i in indices)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for ids, pos, targets in micro_batches(train_rows, indices, lengths, rank, world,
-                                               args.grad_accum_steps, args.per_device_batch_size):
-            logp = model(ids.to(device), pos.to(device), targets.to(device))
+        for ids, targets in micro_batches(train_rows, indices, lengths, rank, world,
+                                          args.grad_accum_steps, args.per_device_batch_size, pad_id):
+            logp = model(ids.to(device), targets.to(device))
             # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
             (-logp.sum() * world / n_loss_tokens).backward()
             loss_sum += -logp.detach().sum().double()

@@ -60,15 +60,16 @@ def test_truncation_and_malformed_messages(tokenizer):
         sft.tokenize_conversation(tokenizer, [messages[0], {"role": "bot", "content": "x"}], "<|im_end|>", 10, "row 3")
 
 
-def test_packed_micro_batch_equals_separate_sequences():
+def test_padded_micro_batch_equals_separate_sequences():
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), dtype=torch.float32).eval()
     model = sft.PolicyLogprobs(lm)
     rows = [{"input_ids": torch.randint(0, 250, (n,)).tolist(), "labels": torch.randint(0, 250, (n,)).tolist()}
             for n in (9, 5, 12)]
     rows[1]["labels"][:3] = [-100] * 3
-    (ids, pos, targets), = sft.micro_batches(rows, [0, 1, 2], [9, 5, 12], 0, 1, 1, 3)
-    packed = model(ids, pos, targets)
+    (ids, targets), = sft.micro_batches(rows, [0, 1, 2], [9, 5, 12], 0, 1, 1, 3, pad_id=0)
+    assert ids.shape == (3, 12) and (targets[2, 4:] == -100).all()  # the 5-token row is padded
+    batched = model(ids, targets)
     separate = []
     for row in rows:  # rows come out longest first
         t = torch.tensor(row["labels"][1:] + [-100])
@@ -76,7 +77,7 @@ def test_packed_micro_batch_equals_separate_sequences():
         lp = torch.log_softmax(logits, -1)[t != -100].gather(1, t[t != -100, None]).squeeze(1)
         separate.append((len(row["input_ids"]), lp))
     expected = torch.cat([lp for _, lp in sorted(separate, key=lambda x: -x[0])])
-    torch.testing.assert_close(packed.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
