@@ -59,28 +59,13 @@ def root():
 
 
 def greedy_accuracy(model_dir, n_rows=300):
-    """Held-out exact-answer accuracy on data/test.jsonl: greedy completions whose '#### N' equals
-    the ground truth."""
-    import re
+    """Held-out accuracy on data/test.jsonl with greedy decoding, computed by eval.py."""
+    sys.path.insert(0, str(ROOT))
+    import eval as evaluation
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")][:n_rows]
-    correct = 0
-    for start in range(0, len(rows), 100):
-        chunk = rows[start:start + 100]
-        prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-                   for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=32, do_sample=False)
-        for row, ids in zip(chunk, out[:, enc.input_ids.shape[1]:]):
-            match = re.search(r"####\s*(-?\d+)", tokenizer.decode(ids, skip_special_tokens=True))
-            correct += bool(match and match.group(1) == row["ground_truth"])
-    return correct / len(rows)
+    args = evaluation.Args(model=str(model_dir), dataset=str(ROOT / "data" / "test.jsonl"), max_rows=n_rows)
+    summary, _ = evaluation.evaluate(args)
+    return summary["accuracy"]
 
 
 # The demo's SFT stage (the README's pipeline uses the same settings); the DPO, GRPO and PPO

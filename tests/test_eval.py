@@ -1,0 +1,71 @@
+"""eval.py: pass@k against brute-force enumeration, scoring through the verifiers, data-parallel
+evaluation equal to a single process, and bad rows."""
+
+import itertools
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, run_script, write_jsonl
+
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (6, 3, 4), (4, 4, 2), (8, 1, 8)])
+def test_pass_at_k_equals_enumeration(n, c, k):
+    """The fraction of all k-subsets of n samples (c correct) that contain a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_summary_scores_per_verifier():
+    records = [{"dataset": "gsm8k", "scores": [1.0, 0.0]}, {"dataset": "GSM8K", "scores": [1.0, 1.0]},
+               {"dataset": "ifeval", "scores": [0.5, 0.0]}]
+    summary = evaluation.summarize(records, 2)
+    assert summary["accuracy"] == pytest.approx((0.5 + 1.0 + 0.25) / 3)
+    assert summary["accuracy/gsm8k"] == pytest.approx(0.75) and summary["accuracy/ifeval"] == pytest.approx(0.25)
+    assert summary["pass@2"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("random_model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "assets" / "tiny")).save_pretrained(path)
+    AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny").save_pretrained(path)
+    return path
+
+
+def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_path):
+    common = ["--model", random_checkpoint, "--max_new_tokens", 8, "--max_rows", 12]
+    proc_one = run_script("eval.py", *common, "--output", tmp_path / "one.jsonl")
+    proc_two = run_script("eval.py", *common, "--output", tmp_path / "two.jsonl", nproc=2)
+    one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert len(one) == 12 and [r["completions"] for r in one] == [r["completions"] for r in two]
+    assert last_json(proc_one.stdout) == last_json(proc_two.stdout)
+    # every record is scored against its own row's ground truth, after the ranks' results are merged
+    rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")][:12]
+    verify = evaluation.verifiers.get("gsm8k")
+    for record, row in zip(two, rows):
+        assert record["ground_truth"] == row["ground_truth"]
+        assert record["scores"] == [verify(record["completions"][0], row["ground_truth"])]
+    assert last_json(proc_two.stdout)["accuracy"] == pytest.approx(sum(r["scores"][0] for r in two) / 12)
+
+
+def last_json(stdout):
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_bad_rows_are_rejected_with_their_index(random_checkpoint, tmp_path):
+    rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")][:3]
+    rows[1]["dataset"] = "no_such_verifier"
+    proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", write_jsonl(tmp_path / "r.jsonl", rows),
+                      check=False)
+    assert proc.returncode != 0 and "row 1: `dataset` 'no_such_verifier' is not a verifier" in proc.stderr
