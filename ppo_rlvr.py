@@ -653,7 +653,7 @@ def main(args):
         total = torch.tensor([0.0, len(rows)], dtype=torch.float64, device=device)
         for start in range(0, len(rows), args.eval_batch_size):
             chunk = rows[start:start + args.eval_batch_size]
-            _, _, completion, mask = generate(generator, [r["prompt_ids"] for r in chunk], pad_id, eot_id,
+            _, _, completion, _ = generate(generator, [r["prompt_ids"] for r in chunk], pad_id, eot_id,
                                               args.max_new_tokens, 1.0, True, device)
             for row, ids in zip(chunk, completion):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -769,11 +769,13 @@ def main(args):
                 "objective/kl": kl_sum / batch_size, "objective/entropy": neg_logp / batch_size,
                 "objective/non_score_reward": non_score_sum / batch_size,
                 "objective/rlhf_reward": (non_score_sum + score_sum) / batch_size,
-                "objective/scores": score_sum / batch_size, "objective/verifiable_correct_rate": correct_sum / batch_size,
+                "objective/scores": score_sum / batch_size,
+                "objective/verifiable_correct_rate": correct_sum / batch_size,
                 "policy/approxkl_avg": approxkl / seen, "policy/clipfrac_avg": pg_clip / seen,
                 "policy/entropy_avg": entropy_sum / n_valid, "loss/policy_avg": pg / seen, "loss/value_avg": vf / seen,
                 "val/clipfrac_avg": vf_clip / seen, "val/ratio": ratio / seen, "val/num_eos_tokens": ended_sum,
-                "completions/mean_length": n_valid / batch_size, "grad_norm": policy_norm, "value_grad_norm": value_norm,
+                "completions/mean_length": n_valid / batch_size,
+                "grad_norm": policy_norm, "value_grad_norm": value_norm,
                 "learning_rate": lrs[0], "value_learning_rate": lrs[1], "episode": step * batch_size,
                 "perf/rollout_tokens_per_second": n_valid / world / (t_generated - t0),
                 "perf/generation_seconds": t_generated - t0, "perf/training_seconds": elapsed - (t_generated - t0)}
