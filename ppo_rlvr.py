@@ -1,0 +1,809 @@
+"""PPO with a value model and verifiable rewards (RLVR), as in Tulu 3.
+
+Each step samples one completion per prompt from the current policy, scores it with the row's
+verifier (`verifiers.get(row["dataset"])`, times --verification_reward, placed on the completion's
+last token) and adds a per-token KL penalty -beta * (logp - ref_logp) against the frozen starting
+model. A value model (the same architecture with a scalar head) estimates the return of every
+prefix; GAE turns rewards and values into advantages, which are whitened. The rollout batch is
+then reused for --num_ppo_epochs passes of --num_mini_batches optimizer steps, each minimizing
+the clipped policy surrogate plus --vf_coef times the clipped value loss.
+
+Implementation details from Huang et al. 2024 ("The N Implementation Details of RLHF with PPO")
+and TRL / open-instruct that are implemented here:
+  - the reference and the value model start from the policy's initial weights (the value model
+    optionally from --value_model, e.g. a reward model); the new value head has std 1/sqrt(H+1);
+  - dropout is off in every model, so log-probs of the same tokens agree between passes;
+  - log-probs are recomputed at the sampling temperature (logits / T), for policy and reference;
+  - generation stops at the chat template's end-of-turn token; tokens after it are padding and
+    carry no loss, reward or value; a completion with no end-of-turn token gets the
+    --non_stop_penalty as its score instead of its verifier's (open-instruct);
+  - per-token KL penalty (k1 or k3), score on the last completion token, optional reward
+    whitening (no mean shift); GAE with values set to 0 after the last token;
+  - advantages whitened over the valid tokens of the whole rollout batch (all ranks);
+  - the first PPO epoch visits the rollout in the order its log-probs were computed, so the first
+    minibatch reproduces them exactly (ratio 1); later epochs shuffle;
+  - clipped surrogate (--cliprange), clipped value loss 0.5 * max((V - R)^2, (Vclip - R)^2)
+    (--cliprange_value), approx KL 0.5 * mean((logp - old_logp)^2), global-norm gradient clipping
+    per model, linear learning-rate decay over all optimizer steps;
+  - losses are sums over tokens divided by the number of valid tokens of the whole minibatch (all
+    micro-batches, all ranks), so gradient accumulation and data parallelism give the same update.
+
+References: Schulman et al. 2017 (PPO); Schulman et al. 2016 (GAE); Ouyang et al. 2022
+(InstructGPT); Huang et al. 2024 (The N Implementation Details of RLHF with PPO); Lambert et al.
+2024 (Tulu 3, RLVR).
+
+    python ppo_rlvr.py --model runs/sft/final      # the built-in demo: tiny model, data/, CPU ok
+    torchrun --nproc_per_node 8 ppo_rlvr.py --model <dpo checkpoint> \\
+        --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --beta 0.05 --lr 3e-7 \\
+        --max_prompt_len 2048 --max_new_tokens 2048 --temperature 1.0 --per_device_batch_size 2 \\
+        --grad_accum_steps 8 --num_ppo_epochs 4 --num_mini_batches 1 --gradient_checkpointing \\
+        --eval_dataset None
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import tyro
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig)
+
+import verifiers
+from kernels import linear_logprobs
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = "runs/dpo/final"
+    """policy to start from (hub id or local dir); the demo chain writes runs/sft/final, then runs/dpo/final"""
+    value_model: str | None = None
+    """value model init: a reward model or causal LM (hub id or dir); default: --model with a new head"""
+    dataset: str = "data/rl_train.jsonl"
+    """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str | None = "data/test.jsonl"
+    """same format; greedy accuracy (mean verifier score) is logged as eval/accuracy (hub: 'test' split)"""
+    max_prompt_len: int = 128
+    """prompts longer than this many tokens are dropped (Tulu 3: 2048)"""
+    max_new_tokens: int = 32
+    """completion length cap (Tulu 3: 2048)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are recomputed at it"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+
+    # optimization
+    lr: float = 3e-5
+    """policy learning rate (Tulu 3 8B RLVR: 3e-7)"""
+    value_lr: float | None = None
+    """value model learning rate (default: --lr)"""
+    num_epochs: int = 1
+    """passes over the prompts (ignored when --max_steps is set)"""
+    max_steps: int | None = None
+    """PPO steps (rollout + update) to run; overrides --num_epochs"""
+    per_device_batch_size: int = 16
+    """completions per micro-batch on each rank"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step (one minibatch)"""
+    num_mini_batches: int = 1
+    """optimizer steps per pass over a rollout batch; prompts per step = this x grad_accum_steps x
+    per_device_batch_size x world size"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    warmup_ratio: float = 0.0
+    """fraction of optimizer steps with linear warmup from 0"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """decay after warmup, to 0 at the last step"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm, per model (0 disables)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype in forward/backward (master weights and grad reduction stay fp32); also the dtype of
+    the generation copy. auto = bf16 on CUDA, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward"""
+    seed: int = 1
+    """seeds init, data order and sampling (rank r samples with seed + r)"""
+
+    # PPO
+    beta: float = 0.05
+    """KL penalty coefficient (Tulu 3: 0.05)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL: k1 = logp - ref_logp; k3 = exp(ref - logp) - 1 - (ref - logp)"""
+    verification_reward: float = 10.0
+    """score = verifier output in [0, 1] times this (Tulu 3: 10)"""
+    non_stop_penalty: float | None = -10.0
+    """score of a completion without an end-of-turn token, replacing its verifier's (Tulu 3: -10; None: off)"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (without shifting their mean) before GAE"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip"""
+    cliprange_value: float = 0.2
+    """value prediction clip around the rollout's values"""
+    vf_coef: float = 0.1
+    """value loss weight"""
+
+    # logging and checkpointing
+    output_dir: str = "runs/ppo"
+    """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format, the policy) go"""
+    save_every: int = 0
+    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    resume: bool = False
+    """continue from the latest output_dir/step_N"""
+    eval_every: int = 0
+    """eval accuracy every N steps and before the first (0: only at the end)"""
+    eval_batch_size: int = 64
+    """prompts per greedy generation call in eval"""
+    log_every: int = 1
+    """log metrics every N steps"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "nanopost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name (default: output_dir's name)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO math: pure functions on [B, T] tensors (T = completion positions), `mask` = valid tokens
+
+
+def masked_whiten(x, mask, shift_mean=True, distributed=False):
+    """(x - mean) / std over the valid entries (of all ranks when distributed); std with Bessel's
+    correction. shift_mean=False adds the mean back (reward whitening keeps the reward's sign)."""
+    mask = mask.to(x.dtype)
+    sums = torch.stack([(x * mask).sum(), mask.sum()]).double()
+    if distributed:
+        dist.all_reduce(sums)
+    mean = (sums[0] / sums[1]).to(x.dtype)
+    sq = ((x - mean) ** 2 * mask).sum().double()
+    if distributed:
+        dist.all_reduce(sq)
+    var = (sq / (sums[1] - 1)).to(x.dtype)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_estimate(logp, ref_logp, estimator):
+    """Per-token KL(policy || reference) estimate from the sampled token's log-probs."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def token_rewards(scores, kl, mask, beta):
+    """Per-token rewards: -beta * kl on every valid token, plus the sequence's score on its last one."""
+    non_score = -beta * kl * mask
+    last = mask.sum(1).long() - 1
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, non_score
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation. Values and rewards after a sequence's last token are 0, so
+    the last token bootstraps from nothing. Returns (advantages, returns = advantages + values)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_tokens, cliprange, cliprange_value,
+             vf_coef):
+    """Clipped policy loss + vf_coef x clipped value loss, summed over the valid tokens and divided
+    by n_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
+    token sums of the statistics TRL logs."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    loss = ((pg_losses + vf_coef * vf_losses) * mask).sum() / n_tokens
+    with torch.no_grad():
+        stats = torch.stack([pg_losses, vf_losses, (-advantages * ratio < pg_losses).float(),
+                             ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(),
+                             0.5 * log_ratio ** 2, ratio])
+        stats = (stats * mask).flatten(1).sum(1).double()
+    return loss, stats  # stats: policy loss, value loss, policy clipped, value clipped, approx kl, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: prompts, checked against their verifiers before any compute
+
+
+def end_of_turn_token(tokenizer):
+    """The token the chat template puts right after an assistant message; generation stops at it."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = text[text.rindex("PROBE") + len("PROBE"):]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids or ids[0] not in tokenizer.added_tokens_decoder:
+        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+    return ids[0]
+
+
+def check_row(row, where):
+    """A row's prompt conversation, verifier and ground truth; a ValueError names what is wrong."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+                             f"got {m!r:.200}")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the prompt ends with an assistant message; `messages` must be the prompt only")
+    if not isinstance(row.get("ground_truth"), str):
+        raise ValueError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+    try:
+        verify = verifiers.get(str(row.get("dataset")))
+    except KeyError:
+        raise ValueError(f"{where}: unknown verifier dataset={row.get('dataset')!r}; "
+                         f"known: {verifiers.names()}") from None
+    try:
+        verify("", row["ground_truth"])
+    except ValueError as e:
+        raise ValueError(f"{where}: ground truth {row['ground_truth']!r:.200} is unusable: {e}") from None
+
+
+def load_prompts(name, split, tokenizer, max_prompt_len, rank):
+    """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Rank 0 goes first so that
+    the other ranks read the datasets cache."""
+    import datasets  # imported here: it is slow to import and only needed once
+
+    if os.path.exists(name):
+        rows = datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name,
+                                     split="train")
+    else:
+        rows = datasets.load_dataset(name, split=split)
+    missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"{name}: missing columns {sorted(missing)}; found {rows.column_names}")
+
+    def tokenize(row, index):
+        check_row(row, f"{name} row {index}")
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+                "ground_truth": row["ground_truth"], "verifier": row["dataset"]}
+
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
+        dist.barrier()
+    kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
+    if rank == 0 and len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} prompts longer than --max_prompt_len={max_prompt_len}")
+    if len(kept) == 0:
+        raise ValueError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
+    return kept.to_list()
+
+
+def global_batch(step, n_rows, batch_size, seed):
+    """Row indices of PPO step `step`: a fresh permutation each epoch, the last partial batch dropped."""
+    per_epoch = n_rows // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def position_ids(attention_mask):
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """Causal LM -> log-probs (and entropies) of the completion tokens at a temperature. `targets`
+    [B, T] are the last T tokens of `input_ids` (-100 = no token); the head runs here, inside the
+    FSDP root, and only on real targets."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, targets, temperature):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)
+        keep = targets.flatten() != -100
+        logp, entropy = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
+                                        temperature=temperature, with_entropy=True)
+        keep = keep.view(targets.shape)
+        return tuple(torch.zeros(targets.shape, device=x.device).masked_scatter(keep, x) for x in (logp, entropy))
+
+
+class ValueModel(torch.nn.Module):
+    """Sequence-classification model (decoder + `score` Linear(H, 1)) -> the value of each state
+    before a completion token: the head reads the hidden state that predicts that token."""
+
+    def __init__(self, seqcls):
+        super().__init__()
+        self.seqcls = seqcls
+
+    def forward(self, input_ids, attention_mask, n_completion):
+        hidden = self.seqcls.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        # a fresh tensor, not a view: FSDP's backward hook on a view is lost if it is written in place
+        return self.seqcls.score(hidden[:, -n_completion - 1:-1]).squeeze(-1).float().clone()
+
+
+def load_config(name):
+    config = AutoConfig.from_pretrained(name)
+    for key in list(config.to_dict()):  # dropout off: attention_dropout, hidden_dropout, resid_pdrop, ...
+        if "dropout" in key or key.endswith("pdrop"):
+            setattr(config, key, 0.0)
+    return config
+
+
+def has_weights(name):
+    files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return not os.path.isdir(name) or any(os.path.exists(os.path.join(name, f)) for f in files)
+
+
+def load_causal_lm(name, attn_implementation, rank):
+    config = load_config(name)
+    if not has_weights(name):
+        if rank == 0:
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name, config=config, attn_implementation=attn_implementation,
+                                                dtype=torch.float32)
+
+
+def load_value_model(name, attn_implementation, rank):
+    """A reward model keeps its score head; a causal LM (or a config only) gets a new one with std
+    1/sqrt(H + 1), as open-instruct."""
+    config = load_config(name)
+    config.num_labels = 1
+    if has_weights(name):
+        seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
+            output_loading_info=True)
+        new_head = any(key.startswith("score") for key in info["missing_keys"])
+    else:
+        seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
+                                                                dtype=torch.float32)
+        new_head = True
+    if new_head:
+        torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+        if seqcls.score.bias is not None:
+            torch.nn.init.zeros_(seqcls.score.bias)
+    elif rank == 0:
+        print(f"value model: kept the score head of {name}")
+    return seqcls
+
+
+def disable_dropout(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def shard(wrapper, decoder, mp):
+    """FSDP2: each decoder layer, then the root (which holds the head)."""
+    for layer in decoder.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(wrapper, mp_policy=mp)
+
+
+def refresh_generator(generator, model):
+    """Copies the sharded policy's full weights into the unsharded generation model."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    missing, unexpected = generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head shares the embedding's storage
+        raise RuntimeError(f"generation copy out of sync: missing {missing}, unexpected {unexpected}")
+
+
+@torch.no_grad()
+def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, greedy, device):
+    """Left-padded prompts [B, P] with their attention mask, completions [B, R] (pad after the
+    end-of-turn token) and the completion mask (tokens up to and including it)."""
+    width = max(len(p) for p in prompts)
+    query = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    query_mask = torch.zeros_like(query)
+    for b, p in enumerate(prompts):
+        query[b, width - len(p):] = torch.tensor(p)
+        query_mask[b, width - len(p):] = 1
+    query, query_mask = query.to(device), query_mask.to(device)
+    # top_k=0 and top_p=1 explicitly: unset, generate() would fill in top_k=50 and not sample from the policy
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else
+                              temperature, top_k=0, top_p=1.0, eos_token_id=eot_id, pad_token_id=pad_id)
+    out = generator.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    completion = out[:, width:]
+    is_end = completion == eot_id
+    length = torch.where(is_end.any(1), is_end.int().argmax(1) + 1, completion.shape[1])
+    mask = torch.arange(completion.shape[1], device=device)[None] < length[:, None]
+    return query, query_mask, torch.where(mask, completion, pad_id), mask
+
+
+def micro_batch(rollout, rows):
+    """The model inputs for some rows of a rollout: all-padding columns trimmed on both sides,
+    targets = the completion tokens (-100 after the end)."""
+    query, query_mask = rollout["query"][rows], rollout["query_mask"][rows]
+    start = int(query_mask.any(0).int().argmax())
+    completion, mask = rollout["completion"][rows], rollout["mask"][rows]
+    width = int(mask.sum(1).max())
+    completion, mask = completion[:, :width], mask[:, :width]
+    ids = torch.cat([query[:, start:], completion], 1)
+    attention_mask = torch.cat([query_mask[:, start:], mask.long()], 1)
+    return ids, attention_mask, torch.where(mask, completion, -100), mask, width
+
+
+def lr_lambda(schedule, total_steps, warmup_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/step_N (sharded, resumable) and output_dir/final (Hugging Face)
+
+
+def latest_checkpoint(output_dir):
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d))] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
+
+
+def save_checkpoint(path, pairs, schedulers, step, run_config, rank):
+    """Sharded policy, value model and both optimizers via torch.distributed.checkpoint, plus the
+    schedulers, step and every rank's RNG state (so a resumed run samples the same completions);
+    written to path.tmp and renamed, so a crash never leaves a partial step_N."""
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {}
+    for name, (model, optimizer) in pairs.items():
+        state[name], state[name + "_optim"] = get_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=tmp)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "schedulers": [s.state_dict() for s in schedulers], "config": run_config}, f)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_checkpoint(path, pairs, schedulers, batch_size, seed, world, rank):
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved = json.load(f)
+    config = saved["config"]
+    saved_batch = config["per_device_batch_size"] * config["grad_accum_steps"] * config["num_mini_batches"] * \
+        config["world_size"]
+    if (saved_batch, config["seed"], config["world_size"]) != (batch_size, seed, world):
+        raise ValueError(f"{path} was trained with {saved_batch} prompts per step on {config['world_size']} ranks "
+                         f"and --seed {config['seed']}; this run has {batch_size}, {world} and {seed}: data order "
+                         "and sampling would not continue where they stopped")
+    state = {}
+    for name, (model, optimizer) in pairs.items():
+        state[name], state[name + "_optim"] = get_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    for name, (model, optimizer) in pairs.items():
+        set_state_dict(model, optimizer, model_state_dict=state[name], optim_state_dict=state[name + "_optim"])
+    for scheduler, scheduler_state in zip(schedulers, saved["schedulers"]):
+        scheduler.load_state_dict(scheduler_state)
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return saved["step"]
+
+
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
+    """The policy's full weights as a Hugging Face directory; generation stops at end-of-turn."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.config.dtype = dtype
+        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+        lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python ppo_rlvr.py` becomes a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_args(args):
+    for name in ("per_device_batch_size", "grad_accum_steps", "num_mini_batches", "num_ppo_epochs", "num_epochs",
+                 "max_prompt_len", "max_new_tokens", "log_every", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    for name in ("lr", "temperature", "cliprange", "cliprange_value"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.value_lr is not None and not args.value_lr > 0:
+        raise ValueError(f"--value_lr must be > 0, got {args.value_lr}")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1 and 0 <= args.warmup_ratio < 1):
+        raise ValueError("--gamma and --lam must be in [0, 1], --warmup_ratio in [0, 1)")
+    for name in filter(None, (args.model, args.value_model)):
+        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+            raise ValueError(f"--model/--value_model {name} does not exist. The demo chain writes runs/sft/final "
+                             "(python sft.py --num_epochs 3 --lr_schedule cosine) and runs/dpo/final (python dpo.py "
+                             "--model runs/sft/final); pass one of them, or a hub id")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+
+
+def main(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+    # tokenizer and data
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    eot_id = end_of_turn_token(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id not in (None, eot_id) else eot_id
+    train = load_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, rank)
+    evals = load_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len, rank) \
+        if args.eval_dataset else None
+    local_batch = args.per_device_batch_size * args.grad_accum_steps * args.num_mini_batches
+    batch_size = local_batch * world
+    if len(train) < batch_size:
+        raise ValueError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {batch_size} "
+                         "(per_device_batch_size x grad_accum_steps x num_mini_batches x world size)")
+    total_steps = args.max_steps or args.num_epochs * (len(train) // batch_size)
+    total_updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
+
+    # models: policy, frozen reference, value model, all FSDP2; an unsharded policy copy generates
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    lm = load_causal_lm(args.model, args.attn_implementation, rank)
+    ref_lm = load_causal_lm(args.model, args.attn_implementation, rank)
+    seqcls = load_value_model(args.value_model or args.model, args.attn_implementation, rank)
+    generator = AutoModelForCausalLM.from_config(lm.config, attn_implementation=args.attn_implementation,
+                                                 dtype=compute_dtype).to(device).eval()
+    for m in (lm, ref_lm, seqcls):
+        m.config.use_cache = False
+        disable_dropout(m)
+        if args.gradient_checkpointing and m is not ref_lm:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy, reference, value_model = PolicyLogprobs(lm), PolicyLogprobs(ref_lm), ValueModel(seqcls)
+    shard(policy, lm.get_decoder(), mp)
+    shard(reference, ref_lm.get_decoder(), mp)
+    shard(value_model, seqcls.base_model, mp)
+    reference.requires_grad_(False)
+    optimizers, schedulers = [], []
+    for model, lr in ((policy, args.lr), (value_model, args.value_lr or args.lr)):
+        optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
+                                            fused=device.type == "cuda"))
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(
+            optimizers[-1], lr_lambda(args.lr_schedule, total_updates, int(args.warmup_ratio * total_updates))))
+    pairs = {"policy": (policy, optimizers[0]), "value": (value_model, optimizers[1])}
+
+    torch.manual_seed(args.seed + rank)  # sampling differs between ranks, is reproducible per rank
+    start_step = 0
+    if args.resume:
+        path = latest_checkpoint(args.output_dir)
+        start_step = load_checkpoint(path, pairs, schedulers, batch_size, args.seed, world, rank)
+        if rank == 0:
+            print(f"resumed from {path}")
+    refresh_generator(generator, policy)
+
+    def evaluate():
+        """Mean verifier score of greedy completions; each rank takes every world-th prompt."""
+        rows = evals[rank::world]
+        total = torch.tensor([0.0, len(rows)], dtype=torch.float64, device=device)
+        for start in range(0, len(rows), args.eval_batch_size):
+            chunk = rows[start:start + args.eval_batch_size]
+            _, _, completion, _ = generate(generator, [r["prompt_ids"] for r in chunk], pad_id, eot_id,
+                                              args.max_new_tokens, 1.0, True, device)
+            for row, ids in zip(chunk, completion):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                total[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # logging
+    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0 and args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
+                   config=asdict(args))
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="ppo")
+
+    def log(metrics, step):
+        if rank != 0:
+            return
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            import wandb
+            wandb.log(metrics, step=step)
+
+    if evals is not None and args.eval_every and start_step == 0:
+        log({"eval/accuracy": evaluate()}, 0)
+
+    # training loop: rollout, rewards and advantages, then PPO epochs over the rollout batch
+    micro = args.per_device_batch_size
+    minibatch = micro * args.grad_accum_steps
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        indices = global_batch(step - 1, len(train), batch_size, args.seed)
+        rows = [train[i] for i in indices[rank * local_batch:(rank + 1) * local_batch]]
+        query, query_mask, completion, mask = generate(generator, [r["prompt_ids"] for r in rows], pad_id, eot_id,
+                                                       args.max_new_tokens, args.temperature, False, device)
+        t_generated = time.perf_counter()
+        ended = (completion == eot_id).any(1)
+        correct = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(ids, skip_special_tokens=True),
+                                                             r["ground_truth"]) for r, ids in zip(rows, completion)],
+                               device=device)
+        scores = correct * args.verification_reward
+        if args.non_stop_penalty is not None:
+            scores = torch.where(ended, scores, torch.full_like(scores, args.non_stop_penalty))
+        rollout = {"query": query, "query_mask": query_mask, "completion": completion, "mask": mask}
+
+        # log-probs and values of the rollout, in the micro-batches of the first PPO minibatch's order
+        shape = completion.shape
+        old_logp, ref_logp, entropy, old_values = (torch.zeros(shape, device=device) for _ in range(4))
+        with torch.no_grad():
+            for start in range(0, local_batch, micro):
+                rows_mb = torch.arange(start, start + micro, device=device)
+                ids, attention_mask, targets, _, width = micro_batch(rollout, rows_mb)
+                old_logp[rows_mb, :width], entropy[rows_mb, :width] = policy(ids, attention_mask, targets,
+                                                                            args.temperature)
+                ref_logp[rows_mb, :width] = reference(ids, attention_mask, targets, args.temperature)[0]
+                old_values[rows_mb, :width] = value_model(ids, attention_mask, width)
+        maskf = mask.float()
+        old_values *= maskf
+        kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * maskf
+        rewards, non_score = token_rewards(scores, kl, maskf, args.beta)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, maskf, shift_mean=False, distributed=True)
+        advantages, returns = gae(rewards, old_values, maskf, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, maskf, distributed=True)
+
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
+        grad_norms = torch.zeros(2, dtype=torch.float64, device=device)
+        lrs = [s.get_last_lr()[0] for s in schedulers]
+        for epoch in range(args.num_ppo_epochs):
+            order = torch.arange(local_batch, device=device) if epoch == 0 else \
+                torch.randperm(local_batch).to(device)
+            for start in range(0, local_batch, minibatch):
+                rows_minibatch = order[start:start + minibatch]
+                n_tokens = mask[rows_minibatch].sum().double()
+                dist.all_reduce(n_tokens)
+                for micro_start in range(0, minibatch, micro):
+                    rows_mb = rows_minibatch[micro_start:micro_start + micro]
+                    ids, attention_mask, targets, mb_mask, width = micro_batch(rollout, rows_mb)
+                    logp, token_entropy = policy(ids, attention_mask, targets, args.temperature)
+                    values = value_model(ids, attention_mask, width)
+                    cut = lambda x: x[rows_mb, :width]  # noqa: E731
+                    loss, mb_stats = ppo_loss(logp, cut(old_logp), cut(advantages), values, cut(old_values),
+                                              cut(returns), mb_mask.float(), n_tokens, args.cliprange,
+                                              args.cliprange_value, args.vf_coef)
+                    # FSDP averages gradients over ranks; scaling by world makes them a global-minibatch sum
+                    (loss * world).backward()
+                    stats += mb_stats
+                for i, (model, _) in enumerate(pairs.values()):
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                    grad_norms[i] += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
+                for optimizer, scheduler in zip(optimizers, schedulers):
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        refresh_generator(generator, policy)
+
+        # metrics: sums over all ranks, then TRL's averages
+        n_updates = args.num_ppo_epochs * args.num_mini_batches
+        totals = torch.cat([stats, grad_norms / n_updates, torch.stack([
+            kl.sum(), -(old_logp * maskf).sum(), non_score.sum(), scores.sum(), correct.sum(), ended.sum(),
+            maskf.sum(), (entropy * maskf).sum()]).double()])
+        dist.all_reduce(totals)
+        stop = torch.tensor(float(bool(stop_requested)), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        elapsed = time.perf_counter() - t0
+        if step % args.log_every == 0 or step == total_steps:
+            (pg, vf, pg_clip, vf_clip, approxkl, ratio, policy_norm, value_norm, kl_sum, neg_logp, non_score_sum,
+             score_sum, correct_sum, ended_sum, n_valid, entropy_sum) = totals.tolist()
+            seen = n_valid * args.num_ppo_epochs
+            metrics = {
+                "objective/kl": kl_sum / batch_size, "objective/entropy": neg_logp / batch_size,
+                "objective/non_score_reward": non_score_sum / batch_size,
+                "objective/rlhf_reward": (non_score_sum + score_sum) / batch_size,
+                "objective/scores": score_sum / batch_size,
+                "objective/verifiable_correct_rate": correct_sum / batch_size,
+                "policy/approxkl_avg": approxkl / seen, "policy/clipfrac_avg": pg_clip / seen,
+                "policy/entropy_avg": entropy_sum / n_valid, "loss/policy_avg": pg / seen, "loss/value_avg": vf / seen,
+                "val/clipfrac_avg": vf_clip / seen, "val/ratio": ratio / seen, "val/num_eos_tokens": ended_sum,
+                "completions/mean_length": n_valid / batch_size,
+                "grad_norm": policy_norm, "value_grad_norm": value_norm,
+                "learning_rate": lrs[0], "value_learning_rate": lrs[1], "episode": step * batch_size,
+                "perf/rollout_tokens_per_second": n_valid / world / (t_generated - t0),
+                "perf/generation_seconds": t_generated - t0, "perf/training_seconds": elapsed - (t_generated - t0)}
+            if evals is not None and args.eval_every and step % args.eval_every == 0:
+                metrics["eval/accuracy"] = evaluate()
+            log(metrics, step)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.3f}")
+        bar.update(1)
+        if (args.save_every and step % args.save_every == 0) or stop.item():
+            save_checkpoint(os.path.join(args.output_dir, f"step_{step}"), pairs, schedulers, step,
+                            {**asdict(args), "world_size": world}, rank)
+        if stop.item():
+            if rank == 0:
+                print(f"SIGTERM: saved step_{step}, exiting")
+            dist.destroy_process_group()
+            return
+    bar.close()
+
+    if evals is not None and not (args.eval_every and step % args.eval_every == 0):
+        accuracy = evaluate()
+        log({"eval/accuracy": accuracy}, step)
+        if rank == 0:
+            print(f"eval/accuracy {accuracy:.4f}")
+    save_hf(os.path.join(args.output_dir, "final"), policy, lm, tokenizer, compute_dtype, eot_id, rank)
+    if rank == 0:
+        print(f"saved {os.path.join(args.output_dir, 'final')}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
