@@ -1,0 +1,736 @@
+"""GRPO, Dr. GRPO and DAPO: policy-gradient RL with verifiable rewards and no value model.
+
+Each step samples --num_generations completions per prompt from the current policy, scores each
+with the verifier named by its row's `dataset` (plus an optional format reward), and uses the
+group's mean reward as the baseline: advantage = (r - mean_group) / scale, with scale the group's
+std (GRPO), the batch's std, or 1 (Dr. GRPO, which removes the length and difficulty biases).
+The loss is PPO's clipped surrogate per completion token, min(ratio * A, clip(ratio) * A), with an
+optional k3 KL penalty to the frozen starting policy (--beta). Token losses are summed with
+weights that implement each --loss_type's normalization over the whole global batch, so gradient
+accumulation and data parallelism give the same update. DAPO adds clip-higher (--epsilon_high),
+dynamic sampling (--filter_zero_std drops groups whose rewards are all equal) and its token-level
+normalization (--loss_type dapo). A rollout can be reused for --num_iterations optimizer steps,
+with the ratio taken against its log-probs at sampling time.
+
+Generation runs on each rank from a full (unsharded) copy of the policy with a KV cache, refreshed
+from the FSDP shards before each rollout: no per-layer all-gathers while sampling.
+
+References: Shao et al. 2024 (DeepSeekMath, GRPO); Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-
+Like Training"); Yu et al. 2025 (DAPO); Schulman 2020 (k3 KL estimator); Lambert et al. 2024 (Tulu 3 RLVR).
+
+    python sft.py && python grpo.py                # the built-in demo: SFT, then GRPO, CPU ok
+    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-1.5B \\
+        --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --eval_dataset None --lr 1e-6 \\
+        --max_prompt_len 512 --max_completion_len 1024 --num_generations 8 --per_device_batch_size 8 \\
+        --grad_accum_steps 4 --beta 0.0 --max_steps 500 --gradient_checkpointing --save_every 50
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import tyro
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import verifiers
+from kernels import linear_logprobs
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = "runs/sft/final"
+    """hub id or local dir of the starting policy (the demo: sft.py's output)"""
+    dataset: str = "data/rl_train.jsonl"
+    """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier name)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str | None = "data/test.jsonl"
+    """same format; greedy accuracy logged as eval/accuracy (hub datasets: the 'test' split)"""
+    max_prompt_len: int = 128
+    """rows whose templated prompt is longer are dropped (real runs: 512-2048)"""
+    max_completion_len: int = 32
+    """new tokens per completion; one that ends without the end-of-turn token is truncated (real runs: 1024+)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+
+    # optimization
+    lr: float = 1e-4
+    """peak learning rate (the demo's tiny model wants 1e-4; 1.5B models 1e-6)"""
+    num_epochs: int = 1
+    """passes over the prompts (ignored when --max_steps is set)"""
+    max_steps: int | None = None
+    """optimizer steps to run; overrides --num_epochs"""
+    per_device_batch_size: int = 32
+    """completions per micro-batch on each rank"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step; a rank's completions per step = this x per_device_batch_size,
+    a multiple of --num_generations (prompts per step = global completions / num_generations)"""
+    warmup_ratio: float = 0.0
+    """fraction of steps with linear warmup from 0"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
+    """decay after warmup, to 0 at the last step"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 disables)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype of params in forward/backward and of the generation copy; master weights and grad
+    reduction stay fp32. auto = bf16 on CUDA, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    seed: int = 1
+    """seeds data order; rank r samples with seed + r"""
+
+    # algorithm
+    num_generations: int = 8
+    """completions per prompt (the group)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are recomputed at the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; log-probs still come from the full temperature-scaled distribution (see sample())"""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """grpo: mean over each completion's tokens, then over completions; dapo: sum over the global batch's
+    tokens / their number; dr_grpo: sum / (completions x max_completion_len)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)"""
+    epsilon: float = 0.2
+    """lower clip: ratio >= 1 - epsilon"""
+    epsilon_high: float | None = None
+    """upper clip: ratio <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); default: --epsilon"""
+    beta: float = 0.0
+    """weight of the k3 KL to the starting policy (0: no reference model is loaded)"""
+    num_iterations: int = 1
+    """optimizer steps per rollout (mu in the GRPO paper); > 1 takes the ratio against the sampling-time log-probs"""
+    filter_zero_std: bool = False
+    """drop groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)"""
+    mask_truncated_completions: bool = False
+    """completions without the end-of-turn token carry no loss (DAPO's overlong filtering)"""
+    format_reward: bool = False
+    """add the `format` verifier (<think>...</think>answer) as a second reward"""
+    reward_weights: list[float] | None = None
+    """weights of [verifier] or [verifier, format] rewards; default all 1"""
+
+    # logging and checkpointing
+    output_dir: str = "runs/grpo"
+    """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
+    save_every: int = 0
+    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    resume: bool = False
+    """continue from the latest output_dir/step_N"""
+    eval_every: int = 0
+    """greedy eval/accuracy every N steps and before the first (0: only at the end)"""
+    log_every: int = 1
+    """log metrics every N steps"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "nanopost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name (default: output_dir's name)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm
+
+
+def group_advantages(rewards, group_size, scale):
+    """rewards [n_prompts * group_size], groups contiguous. Returns advantages (same shape) and a
+    [n_prompts] bool mask of groups whose rewards are all equal (they carry no signal)."""
+    grouped = rewards.view(-1, group_size)
+    centered = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    std = grouped.std(1)  # unbiased, as TRL
+    zero_std = std < 1e-6
+    if scale == "group":
+        centered = centered / (std.repeat_interleave(group_size) + 1e-4)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + 1e-4)
+    return centered, zero_std
+
+
+def token_weights(n_loss_tokens, loss_type, n_sequences, n_tokens, max_completion_len):
+    """Per-sequence weight of each of its loss tokens, such that sum(weight * token_loss) over the
+    global batch (all micro-batches, all ranks) is the loss_type's normalized loss. n_loss_tokens [B]
+    per sequence of the global batch; n_sequences and n_tokens are the batch's totals."""
+    n_loss_tokens = n_loss_tokens.double()
+    if loss_type == "grpo":
+        return 1.0 / (n_loss_tokens.clamp(min=1) * max(n_sequences, 1))
+    if loss_type == "dapo":
+        return torch.full_like(n_loss_tokens, 1.0 / max(n_tokens, 1))
+    return torch.full_like(n_loss_tokens, 1.0 / (max(n_sequences, 1) * max_completion_len))
+
+
+def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0):
+    """Per-token loss -min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3(pi || ref),
+    with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0. All inputs are [n_tokens]. Also returns the
+    k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above."""
+    ratio = torch.exp(logp - old_logp)
+    loss = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+    kl = None
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        loss = loss + beta * kl
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    return loss, kl, low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: prompts checked and tokenized up front
+
+
+def end_of_turn_token(tokenizer):
+    """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, ...): generation stops at it, and it carries loss."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = text[text.rindex("PROBE") + len("PROBE"):]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids or ids[0] not in tokenizer.added_tokens_decoder:
+        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+    return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
+
+
+def check_row(row, where):
+    """A usable RL row, or ValueError naming the row: a prompt conversation ending in a user turn, a
+    string ground truth, a registered verifier that accepts that ground truth."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+                             f"got {m!r:.200}")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if not isinstance(row.get("ground_truth"), str):
+        raise ValueError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+    if not isinstance(row.get("dataset"), str):
+        raise ValueError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
+    try:
+        verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: {e.args[0]}") from None
+
+
+def load_rows(name, split):
+    import datasets  # imported here: it is slow to import and only needed once
+
+    if os.path.exists(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        return datasets.load_dataset(kind, data_files=name, split="train")
+    return datasets.load_dataset(name, split=split)
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
+    """Rows {prompt_ids, ground_truth, verifier}; any malformed row stops the run with its index.
+    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    rows = load_rows(name, split)
+    missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"{name}: missing columns {sorted(missing)}, found {rows.column_names}")
+
+    def prepare(row, index):
+        check_row(row, f"{name} row {index}")
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
+        dist.barrier()
+    kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
+    if rank == 0 and len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} prompts longer than --max_prompt_len={max_prompt_len}")
+    if len(kept) == 0:
+        raise ValueError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
+    return kept.to_list()
+
+
+def global_batch(index, n_rows, batch_size, seed):
+    """Row indices of rollout `index`: a fresh permutation each epoch, the last partial batch
+    dropped. Every rank computes the same list, so nothing needs to be communicated."""
+    per_epoch = n_rows // batch_size
+    epoch, position = divmod(index, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the FSDP policy that trains, and the full copy that generates
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so that one forward returns log-probs (and entropies) of the
+    targets at a temperature. The head runs here, inside the FSDP root module, so FSDP unshards its
+    weight (tied to the embedding for Qwen) and reduces its gradient."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, targets, temperature, with_entropy=False):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False)
+        hidden = hidden.last_hidden_state.flatten(0, 1)
+        keep = targets.flatten() != -100
+        return linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
+                               temperature=temperature, with_entropy=with_entropy)
+
+
+def load_model(name, attn_implementation, rank):
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
+        if rank == 0:
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        config = AutoConfig.from_pretrained(name)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def shard(lm, mp, gradient_checkpointing=False):
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PolicyLogprobs(lm)
+    for layer in lm.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+@torch.no_grad()
+def refresh_generation_copy(model, gen_lm):
+    """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
+    gathers each parameter once), in place, so that a compiled generation graph stays valid."""
+    targets = dict(gen_lm.named_parameters())
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        targets[name.removeprefix("lm.")].copy_(full)
+
+
+@torch.no_grad()
+def sample(gen_lm, prompts, generation, pad_id, eot_id, width=None):
+    """Completions of left-padded prompts with a KV cache. Returns per prompt the completion's
+    token ids up to and including the end-of-turn token, and whether it was truncated.
+    Sampling uses temperature and top-p; the trainer recomputes log-probs of the temperature-scaled
+    full distribution (as TRL and open-instruct do), not of the top-p-renormalized one that drew
+    the tokens, so with top_p < 1 the ratio at the first iteration is 1 by construction
+    (old log-probs are the same computation) but the objective is slightly off-policy."""
+    width = width or max(len(p) for p in prompts)
+    device = gen_lm.device
+    ids = torch.full((len(prompts), width), pad_id, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p, device=device)
+        mask[b, width - len(p):] = 1
+    out = gen_lm.generate(input_ids=ids, attention_mask=mask, generation_config=generation)[:, width:].tolist()
+    completions, truncated = [], []
+    for tokens in out:
+        end = tokens.index(eot_id) + 1 if eot_id in tokens else len(tokens)
+        completions.append(tokens[:end])
+        truncated.append(eot_id not in tokens)
+    return completions, truncated
+
+
+def micro_batch(sequences, pad_id):
+    """Right-padded input ids [B, T] and next-token targets [B, T] (-100: no loss) of
+    (prompt_ids, completion_ids, has_loss) triples. Causal attention never lets a real token see the
+    padding after it, so no attention mask is needed."""
+    width = max(len(p) + len(c) for p, c, _ in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    targets = torch.full((len(sequences), width), -100)
+    for b, (prompt, completion, has_loss) in enumerate(sequences):
+        ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        if has_loss:
+            targets[b, len(prompt) - 1:len(prompt) + len(completion) - 1] = torch.tensor(completion)
+    return ids, targets
+
+
+def lr_lambda(schedule, total_steps, warmup_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/step_N (sharded, resumable) and output_dir/final (Hugging Face)
+
+
+def latest_checkpoint(output_dir):
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d))] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, rollout, run_config, rank):
+    """Sharded model + optimizer via torch.distributed.checkpoint, plus scheduler, step, every
+    rank's RNG state and its rollout (reused by later steps when --num_iterations > 1); written to
+    path.tmp and renamed, so a crash never leaves a partial step_N."""
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"rng": rng, "rollout": rollout}, os.path.join(tmp, f"rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "config": run_config}, f)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
+    """Restores everything save_checkpoint wrote; returns (step, rollout)."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    keys = ("seed", "world_size", "per_device_batch_size", "grad_accum_steps", "num_generations", "num_iterations")
+    saved, now = [state["config"][k] for k in keys], [run_config[k] for k in keys]
+    if saved != now:
+        raise ValueError(f"{path} was trained with {dict(zip(keys, saved))}; this run has {dict(zip(keys, now))}: "
+                         "the prompts and samples would not continue where they stopped")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    scheduler.load_state_dict(state["scheduler"])
+    saved_rank = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    torch.set_rng_state(saved_rank["rng"]["cpu"])
+    if saved_rank["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved_rank["rng"]["cuda"])
+    return state["step"], saved_rank["rollout"]
+
+
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
+    """Gathers the full weights and writes a Hugging Face directory (safetensors + tokenizer) that
+    from_pretrained and vLLM load; generation stops at the chat template's end-of-turn token."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.config.dtype = dtype
+        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+        lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python grpo.py` becomes a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_args(args):
+    for name in ("per_device_batch_size", "grad_accum_steps", "max_prompt_len", "max_completion_len", "num_epochs",
+                 "log_every", "num_iterations"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_generations < 2:
+        raise ValueError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
+    if args.per_device_batch_size * args.grad_accum_steps % args.num_generations:
+        raise ValueError(f"--per_device_batch_size x --grad_accum_steps ({args.per_device_batch_size} x "
+                         f"{args.grad_accum_steps}) must be a multiple of --num_generations ({args.num_generations}): "
+                         "each rank samples whole groups")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.lr <= 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.beta < 0:
+        raise ValueError("need --lr > 0, --temperature > 0, 0 < --top_p <= 1, --beta >= 0")
+    if not 0 <= args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high < 0):
+        raise ValueError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
+    if args.reward_weights is not None and len(args.reward_weights) != 1 + args.format_reward:
+        raise ValueError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
+                         f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)
+    if not os.path.isdir(args.model) and not hub_id:
+        raise ValueError(f"--model {args.model}: no such directory and not a hub id (the demo chain runs "
+                         "`python sft.py` first, which writes runs/sft/final)")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+
+
+def main(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    G = args.num_generations
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    reward_weights = torch.tensor(args.reward_weights or [1.0] * (1 + args.format_reward), dtype=torch.float64)
+
+    # tokenizer and data
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    eot_text, eot_id = end_of_turn_token(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, rank)
+    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len, rank) \
+        if args.eval_dataset else None
+    local_completions = args.per_device_batch_size * args.grad_accum_steps
+    prompts_per_rank = local_completions // G
+    prompts_per_step = prompts_per_rank * world
+    if len(train) < prompts_per_step:
+        raise ValueError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {prompts_per_step}")
+    total_steps = args.max_steps or args.num_epochs * (len(train) // prompts_per_step) * args.num_iterations
+
+    # models: the FSDP policy, an optional frozen reference, and a full copy for generation
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    lm = load_model(args.model, args.attn_implementation, rank)
+    gen_lm = copy.deepcopy(lm).to(device, compute_dtype).eval()
+    reference = None
+    if args.beta > 0:
+        reference = shard(copy.deepcopy(lm), mp).eval()
+        reference.requires_grad_(False)
+    lm.config.use_cache = False
+    model = shard(lm, mp, args.gradient_checkpointing)
+    model.train()
+    torch.manual_seed(args.seed + rank)  # each rank samples different completions, reproducibly
+    # On CUDA: a static KV cache, prompts padded to one width, so that generate compiles the decode
+    # step once (CUDA graphs) and replays it; on CPU a dynamic cache and no compilation.
+    static = device.type == "cuda"
+    generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                  max_new_tokens=args.max_completion_len, eos_token_id=eot_id, pad_token_id=pad_id,
+                                  cache_implementation="static" if static else None)
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_completion_len, eos_token_id=eot_id,
+                              pad_token_id=pad_id, cache_implementation="static" if static else None)
+    width = args.max_prompt_len if static else None
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
+    run_config = {**asdict(args), "world_size": world}
+
+    start_step, rollout = 0, None
+    if args.resume:
+        path = latest_checkpoint(args.output_dir)
+        start_step, rollout = load_checkpoint(path, model, optimizer, scheduler, run_config, rank)
+        if rank == 0:
+            print(f"resumed from {path}")
+
+    def evaluate():
+        """Mean verifier score of greedy completions on the eval prompts; each rank takes every world-th row."""
+        score = torch.zeros(2, dtype=torch.float64, device=device)
+        mine = evals[rank::world]
+        for start in range(0, len(mine), local_completions):
+            chunk = mine[start:start + local_completions]
+            completions, _ = sample(gen_lm, [r["prompt_ids"] for r in chunk], greedy, pad_id, eot_id, width)
+            for row, completion in zip(chunk, completions):
+                text = tokenizer.decode(completion, skip_special_tokens=True)
+                score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
+            score[1] += len(chunk)
+        dist.all_reduce(score)
+        return (score[0] / score[1]).item()
+
+    def make_rollout(index):
+        """Samples this rank's groups, scores them, and turns them into micro-batches with per-token
+        advantages and loss weights (old and reference log-probs too when needed)."""
+        t0 = time.perf_counter()
+        refresh_generation_copy(model, gen_lm)
+        indices = global_batch(index, len(train), prompts_per_step, args.seed)
+        rows = [train[i] for i in indices[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
+        prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
+        completions, truncated = sample(gen_lm, prompts, generation, pad_id, eot_id, width)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_generation = time.perf_counter() - t0
+
+        # scores of every completion of the global batch: [correct, format, length, truncated]
+        local = torch.zeros(len(prompts), 4, dtype=torch.float64)
+        for j, (completion, cut) in enumerate(zip(completions, truncated)):
+            row = rows[j // G]
+            text = tokenizer.decode(completion, skip_special_tokens=True)
+            local[j, 0] = verifiers.get(row["verifier"])(text, row["ground_truth"])
+            local[j, 1] = verifiers.get("format")(text, "") if args.format_reward else 0.0
+            local[j, 2:] = torch.tensor([len(completion), float(cut)])
+        gathered = [torch.empty_like(local, device=device) for _ in range(world)]
+        dist.all_gather(gathered, local.to(device))
+        scores = torch.cat(gathered).cpu()
+        rewards = scores[:, :1 + args.format_reward] @ reward_weights
+        advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
+        keep = ~zero_std.repeat_interleave(G) if args.filter_zero_std else torch.ones(len(rewards), dtype=torch.bool)
+        has_loss = keep & ~(scores[:, 3].bool() & args.mask_truncated_completions)
+        n_loss_tokens = scores[:, 2] * has_loss
+        weights = token_weights(n_loss_tokens, args.loss_type, int(keep.sum()), int(n_loss_tokens.sum()),
+                                args.max_completion_len)
+
+        # this rank's kept completions in as few micro-batches as the busiest rank needs; every rank
+        # runs the same number (FSDP's collectives), padded with no-loss completions where short
+        offset = rank * len(prompts)
+        mine = [j for j in range(len(prompts)) if keep[offset + j]]
+        n_micro = torch.tensor(max(1, math.ceil(len(mine) / args.per_device_batch_size)), device=device)
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+        n_micro = int(n_micro)
+        fillers = [j for j in range(len(prompts)) if not keep[offset + j]][:max(0, n_micro - len(mine))]
+        order = mine + fillers
+        micro_batches = []
+        for chunk in (order[m::n_micro] for m in range(n_micro)):
+            ids, targets = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk], pad_id)
+            # per-completion values repeated over its loss tokens, in the order the policy returns them
+            lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
+            rows_of = torch.tensor(chunk, dtype=torch.long) + offset
+            micro_batches.append({"ids": ids, "targets": targets,
+                                  "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
+                                  "weights": weights[rows_of].repeat_interleave(lengths)})
+        with torch.no_grad():
+            for mb in micro_batches:
+                ids, targets = mb["ids"].to(device), mb["targets"].to(device)
+                if reference is not None:
+                    mb["ref_logp"] = reference(ids, targets, args.temperature)[0].cpu()
+                if args.num_iterations > 1:
+                    mb["old_logp"] = model(ids, targets, args.temperature)[0].cpu()
+
+        verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
+        groups_std = rewards.view(-1, G).std(1)
+        metrics = {"reward": rewards.mean().item(), "reward_std": groups_std.mean().item(),
+                   "frac_reward_zero_std": zero_std.double().mean().item(),
+                   "completions/mean_length": scores[:, 2].mean().item(),
+                   "completions/clipped_ratio": scores[:, 3].mean().item(),
+                   "perf/time_generation": t_generation,
+                   "perf/rollout_tokens_per_second": scores[:, 2].sum().item() / t_generation}
+        for name in sorted(set(verifier_of)):
+            metrics[f"rewards/{name}/mean"] = scores[torch.tensor([v == name for v in verifier_of]), 0].mean().item()
+        if args.format_reward:
+            metrics["rewards/format/mean"] = scores[:, 1].mean().item()
+        return {"micro_batches": micro_batches, "metrics": metrics}
+
+    # logging
+    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0 and args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
+                   config=asdict(args))
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="grpo")
+
+    def log(metrics, step):
+        if rank != 0:
+            return
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            import wandb
+            wandb.log(metrics, step=step)
+
+    if evals is not None and args.eval_every and start_step == 0:
+        refresh_generation_copy(model, gen_lm)
+        log({"eval/accuracy": evaluate()}, 0)
+
+    # training loop: a rollout every num_iterations optimizer steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        if (step - 1) % args.num_iterations == 0:
+            rollout = make_rollout((step - 1) // args.num_iterations)
+        t_train = time.perf_counter()
+        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        for mb in rollout["micro_batches"]:
+            logp, entropy = model(mb["ids"].to(device), mb["targets"].to(device), args.temperature, with_entropy=True)
+            # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
+            old_logp = mb["old_logp"].to(device) if "old_logp" in mb else logp.detach()
+            ref_logp = mb["ref_logp"].to(device) if "ref_logp" in mb else None
+            loss, kl, low, high = clipped_surrogate(logp, old_logp, mb["advantages"].to(device), args.epsilon,
+                                                    epsilon_high, ref_logp, args.beta)
+            weighted = (loss.double() * mb["weights"].to(device)).sum()
+            # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
+            (weighted * world).backward()
+            sums += torch.stack([weighted.detach(), kl.detach().sum() if kl is not None else torch.zeros_like(weighted),
+                                 entropy.detach().sum(), low.sum(), high.sum(), (low | high).sum(),
+                                 torch.tensor(logp.numel(), device=device)]).double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dist.all_reduce(sums)
+        stop = torch.tensor(float(bool(stop_requested)), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        now = time.perf_counter()
+        if step % args.log_every == 0 or step == total_steps:
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            n_tokens = max(sums[6].item(), 1)
+            metrics = {"loss": sums[0].item(), "grad_norm": grad_norm.item(), "learning_rate": lr,
+                       **rollout["metrics"], "entropy": sums[2].item() / n_tokens,
+                       "clip_ratio/low_mean": sums[3].item() / n_tokens, "clip_ratio/high_mean": sums[4].item() / n_tokens,
+                       "clip_ratio/region_mean": sums[5].item() / n_tokens,
+                       "perf/time_training": now - t_train, "perf/time_step": now - t0}
+            if args.beta > 0:
+                metrics["kl"] = sums[1].item() / n_tokens
+            if evals is not None and args.eval_every and step % args.eval_every == 0:
+                refresh_generation_copy(model, gen_lm)
+                metrics["eval/accuracy"] = evaluate()
+            log(metrics, step)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+        bar.update(1)
+        if (args.save_every and step % args.save_every == 0) or stop.item():
+            reusable = rollout if step % args.num_iterations else None
+            save_checkpoint(os.path.join(args.output_dir, f"step_{step}"), model, optimizer, scheduler, step,
+                            reusable, run_config, rank)
+        if stop.item():
+            if rank == 0:
+                print(f"SIGTERM: saved step_{step}, exiting")
+            dist.destroy_process_group()
+            return
+    bar.close()
+
+    if evals is not None and not (args.eval_every and step % args.eval_every == 0 and step > start_step):
+        refresh_generation_copy(model, gen_lm)
+        accuracy = evaluate()
+        log({"eval/accuracy": accuracy}, step)
+        if rank == 0:
+            print(f"eval/accuracy {accuracy:.4f}")
+    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
+    if rank == 0:
+        print(f"saved {os.path.join(args.output_dir, 'final')}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

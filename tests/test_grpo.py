@@ -1,0 +1,258 @@
+"""grpo.py: advantages and every loss_type against independent computations, the clip and KL terms,
+row checks, end to end on 2 CPU ranks, exact resume (same samples, same losses), ratio 1 with one
+iteration, and learning on the demo task from the SFT checkpoint."""
+
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from conftest import ROOT, greedy_accuracy, read_metrics, run_script, write_jsonl
+
+sys.path.insert(0, str(ROOT))
+import grpo  # noqa: E402
+
+TINY = str(ROOT / "assets" / "tiny")
+
+
+def test_group_advantages_match_the_formulas():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.25, 1.0, 1.0], dtype=torch.float64)
+    groups = [rewards[i:i + 4].tolist() for i in range(0, 12, 4)]
+    batch_std = statistics.stdev(rewards.tolist())
+    for scale in ("group", "batch", "none"):
+        advantages, zero_std = grpo.group_advantages(rewards, 4, scale)
+        expected = []
+        for g in groups:
+            mean = sum(g) / len(g)
+            divisor = {"group": statistics.stdev(g) + 1e-4, "batch": batch_std + 1e-4, "none": 1.0}[scale]
+            expected += [(r - mean) / divisor for r in g]
+        torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float64))
+        assert zero_std.tolist() == [False, True, False]
+    assert (grpo.group_advantages(rewards, 4, "group")[0][4:8] == 0).all()  # no signal, no NaN
+
+
+def test_clipped_surrogate_and_kl_per_token():
+    logp = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5, 0.2, 0.2]))
+    ratios = torch.tensor([0.7, 0.7, 1.4, 1.4, 1.1, 1.0])
+    old = logp - torch.log(ratios)
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0, 2.0, -0.5])
+    ref = torch.log(torch.tensor([0.25, 0.5, 0.6, 0.4, 0.2, 0.1]))
+    loss, kl, low, high = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28, ref, beta=0.1)
+    # written the other way round: A > 0 caps the ratio from above, A < 0 from below
+    clipped = [-a * (min(r, 1.28) if a > 0 else max(r, 0.8)) for r, a in zip(ratios.tolist(), adv.tolist())]
+    k3 = [q / p - math.log(q / p) - 1 for p, q in zip(logp.exp().tolist(), ref.exp().tolist())]
+    torch.testing.assert_close(kl, torch.tensor(k3))
+    torch.testing.assert_close(loss, torch.tensor(clipped) + 0.1 * torch.tensor(k3))
+    assert low.tolist() == [True, False, False, False, False, False]
+    assert high.tolist() == [False, False, True, False, False, False]
+
+
+def test_one_iteration_ratio_is_exactly_one_and_the_gradient_is_the_policy_gradient():
+    logp = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    adv = torch.randn(7, dtype=torch.float64)
+    loss, _, low, high = grpo.clipped_surrogate(logp, logp.detach(), adv, 0.0, 0.0)
+    assert not low.any() and not high.any()
+    torch.testing.assert_close(loss, -adv)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -adv)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_loss_types_match_their_definitions_when_split_over_ranks_and_micro_batches(loss_type):
+    """The token weights, summed piecewise over 2 ranks x 2 micro-batches, give the loss TRL writes on
+    the padded [B, T] batch: per-sequence mean then mean (grpo), token mean (dapo), token sum / (B L)."""
+    torch.manual_seed(0)
+    B, L = 8, 6
+    lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 0])  # the last completion carries no loss (masked)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    token_loss = torch.randn(B, L, dtype=torch.float64)
+    if loss_type == "grpo":
+        expected = ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        expected = (token_loss * mask).sum() / mask.sum()
+    else:
+        expected = (token_loss * mask).sum() / (B * L)
+    weights = grpo.token_weights(lengths, loss_type, B, int(lengths.sum()), L)
+    total = 0.0
+    for rank in range(2):
+        for micro in range(2):
+            rows = list(range(rank * 4 + micro, rank * 4 + 4, 2))
+            flat = torch.cat([token_loss[b, :lengths[b]] for b in rows])
+            total += (flat * weights[rows].repeat_interleave(lengths[rows])).sum()
+    torch.testing.assert_close(total, expected)
+
+
+def test_micro_batch_targets_are_the_completion_tokens():
+    seqs = [([5, 6, 7], [8, 9], True), ([5], [10, 11, 12], True), ([5, 6], [13], False)]
+    ids, targets = grpo.micro_batch(seqs, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0], [5, 6, 13, 0, 0]]
+    # position t predicts token t + 1: targets sit one before each completion token
+    assert targets.tolist() == [[-100, -100, 8, 9, -100], [10, 11, 12, -100, -100], [-100] * 5]
+
+
+def test_sampling_stops_at_end_of_turn_and_reports_truncation():
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    eot_text, eot_id = grpo.end_of_turn_token(tokenizer)
+    assert eot_text == "<|im_end|>"
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY)).eval()
+    # the random model is near uniform over 320 tokens; a bias makes the end-of-turn token likely
+    # enough (about 1 in 15 per step) that both finished and truncated completions occur
+    generation = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=eot_id, pad_token_id=0,
+                                  sequence_bias={(eot_id,): 3.0})
+    prompts = [[1, 2, 3], [4], [5, 6]] * 8
+    completions, truncated = grpo.sample(lm, prompts, generation, 0, eot_id)
+    for completion, cut in zip(completions, truncated):
+        assert cut == (eot_id not in completion)
+        assert len(completion) == 12 if cut else completion.index(eot_id) == len(completion) - 1
+    assert any(truncated) and not all(truncated)
+
+
+def test_bad_rows_name_the_row():
+    good = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"}
+    grpo.check_row(good, "row 0")
+    for bad, message in [({**good, "ground_truth": "two"}, "row 3: gsm8k ground truth holds no number"),
+                         ({**good, "dataset": "nope"}, "row 3: no verifier named 'nope'"),
+                         ({**good, "ground_truth": 2}, "row 3: `ground_truth` must be a string"),
+                         ({**good, "messages": good["messages"] + [{"role": "assistant", "content": "2"}]},
+                          "row 3: the prompt ends with an assistant message")]:
+        with pytest.raises(ValueError, match=message):
+            grpo.check_row(bad, "row 3")
+
+
+def test_malformed_row_stops_the_run_before_compute(tmp_path, sft_demo_checkpoint):
+    rows = [{"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"}] * 9
+    rows[5] = {**rows[5], "ground_truth": "no answer"}
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    proc = run_script("grpo.py", "--model", sft_demo_checkpoint[0], "--dataset", data, "--output_dir", tmp_path / "out",
+                      check=False)
+    assert proc.returncode != 0 and "row 5: gsm8k ground truth holds no number" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    proc = run_script("grpo.py", "--model", tmp_path / "missing", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode != 0 and "runs/sft/final" in proc.stderr
+
+
+# 4 prompts x 4 samples per step on each of 2 ranks; fp32 so that a resumed run must match bitwise-close
+COMMON = ["--precision", "fp32", "--num_generations", 4, "--per_device_batch_size", 8, "--grad_accum_steps", 2,
+          "--max_steps", 6, "--lr", 3e-4, "--seed", 3, "--temperature", 0.3]
+# DAPO-style: clip-higher, dynamic sampling, overlong masking, token-level loss; plus a KL penalty,
+# a format reward and rollouts reused for 2 steps (a checkpoint at step 3 lands mid-rollout)
+DAPO = ["--loss_type", "dapo", "--epsilon", 0.05, "--epsilon_high", 0.08, "--filter_zero_std",
+        "--mask_truncated_completions", "--beta", 0.05, "--num_iterations", 2, "--format_reward",
+        "--reward_weights", 1.0, 0.5, "--eval_every", 3, "--save_every", 3]
+
+
+def half_solved_prompts(model_dir, path, n=64):
+    """Demo prompts whose ground truth is, for every other row, the model's own greedy answer: sampled
+    completions then match it some of the time, so rewards vary within groups however strong the
+    starting model is."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in open(ROOT / "data" / "rl_train.jsonl")][:n]
+    prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = lm.generate(**enc, max_new_tokens=32, do_sample=False)
+    for i, (row, ids) in enumerate(zip(rows, out[:, enc.input_ids.shape[1]:])):
+        match = re.search(r"####\s*(-?\d+)", tokenizer.decode(ids, skip_special_tokens=True))
+        if i % 2 == 0 and match:
+            row["ground_truth"] = match.group(1)
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sft_demo_checkpoint):
+    model = sft_demo_checkpoint[0]
+    base = tmp_path_factory.mktemp("grpo")
+    data = ["--dataset", half_solved_prompts(model, base / "prompts.jsonl")]
+    out = {name: base / name for name in ("dapo", "resumed", "dr_grpo")}
+    run_script("grpo.py", "--model", model, *data, *COMMON, *DAPO, "--output_dir", out["dapo"], nproc=2)
+    out["resumed"].mkdir()
+    shutil.copytree(out["dapo"] / "step_3", out["resumed"] / "step_3")
+    run_script("grpo.py", "--model", model, *data, *COMMON, *DAPO, "--resume", "--output_dir", out["resumed"], nproc=2)
+    run_script("grpo.py", "--model", model, *data, *COMMON, "--loss_type", "dr_grpo", "--scale_rewards", "none",
+               "--eval_dataset", "None", "--output_dir", out["dr_grpo"], nproc=2)
+    return out
+
+
+TRL_METRICS = ["loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/gsm8k/mean", "frac_reward_zero_std",
+               "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+               "completions/mean_length", "completions/clipped_ratio", "perf/rollout_tokens_per_second",
+               "perf/time_generation", "perf/time_training"]
+
+
+def test_two_ranks_end_to_end(runs):
+    out = runs["dapo"]
+    metrics = read_metrics(out)
+    assert sorted(metrics) == [0, 1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in TRL_METRICS + ["kl", "rewards/format/mean"]:
+            assert math.isfinite(metrics[step][key]), (step, key)
+        assert 0 < metrics[step]["completions/mean_length"] <= 32
+        assert metrics[step]["reward"] == pytest.approx(metrics[step]["rewards/gsm8k/mean"]
+                                                        + 0.5 * metrics[step]["rewards/format/mean"])
+    assert 0 < metrics[1]["rewards/gsm8k/mean"] < 1 and metrics[1]["frac_reward_zero_std"] < 1
+    assert metrics[1]["kl"] == 0  # the policy starts at the reference
+    assert metrics[2]["kl"] > 0 and metrics[4]["kl"] > 0
+    # a reused rollout: same rewards, and its second step sees a moved policy that the clip bounds
+    assert metrics[1]["reward"] == metrics[2]["reward"] and metrics[3]["reward"] == metrics[4]["reward"]
+    assert max(metrics[s]["clip_ratio/region_mean"] for s in (2, 4, 6)) > 0
+    for step in (0, 3, 6):
+        assert 0 <= metrics[step]["eval/accuracy"] <= 1
+    assert (out / "step_3" / "trainer_state.json").exists() and (out / "step_6").exists()
+    assert not list(out.glob("*.tmp"))
+    lm = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert lm.generation_config.eos_token_id == [AutoTokenizer.from_pretrained(out / "final").convert_tokens_to_ids(
+        "<|im_end|>")]
+
+
+def test_resume_samples_the_same_completions_and_losses(runs):
+    uninterrupted, resumed = read_metrics(runs["dapo"]), read_metrics(runs["resumed"])
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("reward", "completions/mean_length", "frac_reward_zero_std"):
+            assert resumed[step][key] == uninterrupted[step][key], (step, key)
+        for key in ("loss", "grad_norm", "entropy", "kl", "eval/accuracy" if step == 6 else "reward_std"):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-5, abs=1e-9), (step, key)
+    a = AutoModelForCausalLM.from_pretrained(runs["dapo"] / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["resumed"] / "final").state_dict()
+    for key, value in b.items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=1e-6)
+
+
+def test_one_iteration_never_clips(runs):
+    metrics = read_metrics(runs["dr_grpo"])
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    for step, row in metrics.items():
+        for key in TRL_METRICS:
+            assert math.isfinite(row[key]), (step, key)
+        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == row["clip_ratio/region_mean"] == 0
+        assert "kl" not in row  # beta = 0: no reference model
+    assert len({row["reward"] for row in metrics.values()}) > 1  # a fresh rollout every step
+
+
+# The demo's GRPO stage: 2 ranks x 4 prompts x 8 samples per step, 40 steps of the default DAPO-style
+# loss (about 1m45s on a loaded 2-core machine)
+LEARN_ARGS = ["--max_steps", 40, "--lr", 2e-4, "--num_generations", 8, "--per_device_batch_size", 32,
+              "--eval_dataset", "None"]
+
+
+@pytest.mark.slow
+def test_grpo_improves_held_out_accuracy(tmp_path, sft_demo_checkpoint):
+    """From the demo SFT checkpoint, held-out greedy accuracy on data/test.jsonl rises by >= 0.05."""
+    model, before = sft_demo_checkpoint
+    # RL needs a starting policy that samples correct answers; test_sft asserts the same bound
+    assert before >= 0.3, f"the SFT stage reached only {before:.3f} held-out accuracy: too few rewards to learn from"
+    run_script("grpo.py", "--model", model, *LEARN_ARGS, "--output_dir", tmp_path / "run", nproc=2)
+    after = greedy_accuracy(tmp_path / "run" / "final")
+    metrics = read_metrics(tmp_path / "run")
+    early = statistics.mean(metrics[s]["reward"] for s in range(1, 6))
+    late = statistics.mean(metrics[s]["reward"] for s in range(36, 41))
+    assert late > early, (early, late)
+    assert after >= before + 0.05, (before, after)
