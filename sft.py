@@ -60,17 +60,17 @@ class Args:
     # optimization
     lr: float = 3e-3
     """peak learning rate (the demo's tiny model wants 3e-3; Tulu 3 8B used 5e-6, 0.5B models 2e-5)"""
-    num_epochs: int = 1
-    """passes over the dataset (ignored when --max_steps is set)"""
+    num_epochs: int = 4
+    """passes over the dataset (ignored when --max_steps is set; Tulu 3: 2)"""
     max_steps: int | None = None
     """optimizer steps to run; overrides --num_epochs"""
-    per_device_batch_size: int = 16
+    per_device_batch_size: int = 32
     """sequences per micro-batch on each rank"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; global batch = this x per_device_batch_size x world size"""
     warmup_ratio: float = 0.03
     """fraction of steps with linear warmup from 0"""
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
     """decay after warmup, to 0 at the last step"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

@@ -2,19 +2,22 @@
 
     python data/make_data.py          # rewrites data/*.jsonl, identical every time (fixed seed)
 
-A problem is one of: two-digit addition, three-digit addition, two-digit subtraction (possibly
-negative), and one-digit times two-digit multiplication. The answer restates the problem and ends
-GSM8K-style ("#### 81"), so the gsm8k verifier scores it. The mix is wide enough that a tiny model
-trained briefly with SFT gets some but not all of them right, which leaves room for DPO and RL.
+A problem is one of: one-digit addition, subtraction (non-negative) and multiplication, and
+two-digit plus one-digit addition (weighted 1:1:1:2). The answer restates the problem and ends
+GSM8K-style ("#### 61"), so the gsm8k verifier scores it. A 0.8M-parameter model trained for a
+few CPU minutes gets some but not all of them right, which leaves room for DPO and RL. The
+problem space is small (about 1200 distinct problems), so the test split, drawn fresh from the
+same distribution, shares many problems with training: it measures how well the skill was
+learned, not generalization to unseen numbers.
 
-Files (every test problem is held out of every training file):
+Files:
     sft_train.jsonl  messages; about 10% two-turn conversations   (sft.py --dataset)
     sft_eval.jsonl   messages                                       (sft.py --eval_dataset)
     dpo_train.jsonl  chosen / rejected conversations sharing the prompt; rejected has a
                      plausible wrong answer (carry slip, off by one, swapped digits)
-    dpo_eval.jsonl   same format, held-out prompts
+    dpo_eval.jsonl   same format, other samples
     rl_train.jsonl   messages (the prompt) + ground_truth + dataset="gsm8k"
-    test.jsonl       held-out problems in the RL format: the accuracy benchmark
+    test.jsonl       problems in the RL format: the accuracy benchmark
 """
 
 import json
@@ -27,15 +30,16 @@ OUT = os.path.dirname(os.path.abspath(__file__))
 
 
 def sample_problem(rng):
-    kind = rng.choices(["add2", "add3", "sub2", "mul"], weights=[3, 2, 3, 2])[0]
-    if kind == "add2":
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), "+"
-    elif kind == "add3":
-        a, b, op = rng.randint(100, 999), rng.randint(100, 999), "+"
-    elif kind == "sub2":
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), "-"
+    kind = rng.choices(["add1", "sub1", "mul1", "add21"], weights=[1, 1, 1, 2])[0]
+    if kind == "add1":
+        a, b, op = rng.randint(0, 9), rng.randint(0, 9), "+"
+    elif kind == "sub1":
+        a = rng.randint(0, 9)
+        b, op = rng.randint(0, a), "-"
+    elif kind == "mul1":
+        a, b, op = rng.randint(0, 9), rng.randint(0, 9), "*"
     else:
-        a, b, op = rng.randint(2, 9), rng.randint(10, 99), "*"
+        a, b, op = rng.randint(10, 99), rng.randint(0, 9), "+"
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     return f"{a} {op} {b}", answer
 
@@ -73,36 +77,25 @@ def conversation(expr, answer):
 
 def main():
     rng = random.Random(SEED)
-    test, seen = [], set()
-    while len(test) < SIZES["test"]:
-        expr, answer = sample_problem(rng)
-        if expr not in seen:
-            seen.add(expr)
-            test.append((expr, answer))
-
-    def fresh():
-        while True:
-            expr, answer = sample_problem(rng)
-            if expr not in seen:
-                return expr, answer
+    test = [sample_problem(rng) for _ in range(SIZES["test"])]
 
     rows = {name: [] for name in SIZES}
     for name in ("sft_train", "sft_eval"):
         for _ in range(SIZES[name]):
-            messages = conversation(*fresh())
+            messages = conversation(*sample_problem(rng))
             if name == "sft_train" and rng.random() < 0.1:
-                messages += conversation(*fresh())
+                messages += conversation(*sample_problem(rng))
             rows[name].append({"messages": messages})
     for name in ("dpo_train", "dpo_eval"):
         for _ in range(SIZES[name]):
-            expr, answer = fresh()
+            expr, answer = sample_problem(rng)
             prompt = [{"role": "user", "content": prompt_text(expr)}]
             rows[name].append({
                 "chosen": prompt + [{"role": "assistant", "content": answer_text(expr, answer)}],
                 "rejected": prompt + [{"role": "assistant", "content": answer_text(expr, wrong_answer(rng, answer))}],
             })
     for _ in range(SIZES["rl_train"]):
-        expr, answer = fresh()
+        expr, answer = sample_problem(rng)
         rows["rl_train"].append({"messages": [{"role": "user", "content": prompt_text(expr)}],
                                  "ground_truth": str(answer), "dataset": "gsm8k"})
     rows["test"] = [{"messages": [{"role": "user", "content": prompt_text(expr)}],

@@ -68,14 +68,13 @@ def greedy_accuracy(model_dir, n_rows=300):
     return summary["accuracy"]
 
 
-# The demo's SFT stage (the README's pipeline uses the same settings); the DPO, GRPO and PPO
+# The demo's SFT stage is sft.py's defaults (pipeline.py runs the same); the DPO, GRPO and PPO
 # learning tests start from it.
-SFT_DEMO_ARGS = ["--num_epochs", 3, "--lr_schedule", "cosine"]
 
 
 @pytest.fixture(scope="session")
 def sft_demo_checkpoint(tmp_path_factory):
     """(final checkpoint dir, held-out accuracy) of the demo SFT run from random init."""
     out = tmp_path_factory.mktemp("sft_demo") / "run"
-    run_script("sft.py", *SFT_DEMO_ARGS, "--output_dir", out)
+    run_script("sft.py", "--output_dir", out)
     return out / "final", greedy_accuracy(out / "final")
