@@ -199,8 +199,9 @@ def test_bad_flag_is_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_sft_learns_the_demo_task(sft_demo_checkpoint):
-    """From random init, the demo SFT run reaches a held-out exact-answer accuracy far above chance."""
+    """From random init, the demo SFT run (sft.py's defaults) reaches a held-out exact-answer
+    accuracy far above chance (a random model scores 0; measured: 0.70)."""
     path, accuracy = sft_demo_checkpoint
     metrics = read_metrics(path.parent)
-    assert metrics[1]["loss"] > 4 and min(m.get("eval_loss", 9) for m in metrics.values()) < 0.5
-    assert accuracy >= 0.3, accuracy
+    assert metrics[1]["loss"] > 4 and metrics[max(metrics)]["eval_loss"] < 0.1
+    assert accuracy >= 0.55, accuracy
