@@ -430,18 +430,23 @@ def main(args):
             print(f"resumed from {path}")
 
     def evaluate():
-        """Mean token NLL over the eval set; each rank takes every world-th row."""
+        """Mean token NLL over the eval set. Each rank takes every world-th batch; every rank runs
+        the same number of forwards (FSDP's collectives need it), a rank past the end re-runs a
+        batch with zero weight."""
         model.eval()
-        nll, count = torch.zeros(2, dtype=torch.float64, device=device).unbind()
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        step = world * args.per_device_batch_size
         with torch.no_grad():
-            for start in range(rank * args.per_device_batch_size, len(evals), world * args.per_device_batch_size):
-                chunk = list(range(start, min(start + args.per_device_batch_size, len(evals))))
+            for start in range(0, len(evals), step):
+                first = start + rank * args.per_device_batch_size
+                weight = float(first < len(evals))
+                first = first if weight else 0
+                chunk = list(range(first, min(first + args.per_device_batch_size, len(evals))))
                 (ids, targets), = micro_batches(evals, chunk, eval_lengths, 0, 1, 1, len(chunk), pad_id)
                 logp = model(ids.to(device), targets.to(device))
-                nll += -logp.sum().double()
-                count += logp.numel()
-        totals = torch.stack([nll, count])
+                totals += weight * torch.stack([-logp.sum().double(), torch.tensor(logp.numel(), device=device)])
         dist.all_reduce(totals)
+        model.reshard()  # a no-grad forward leaves the root unsharded
         model.train()
         return (totals[0] / totals[1]).item()
 
@@ -512,7 +517,7 @@ def main(args):
             return
     bar.close()
 
-    if evals is not None:
+    if evals is not None and not (args.eval_every and step % args.eval_every == 0):
         eval_loss = evaluate()
         log({"eval_loss": eval_loss}, step)
         if rank == 0:

@@ -21,8 +21,9 @@ import sft  # noqa: E402
 
 TINY = str(ROOT / "assets" / "tiny")
 # fp32 everywhere so that different batch splits must agree to float rounding
-COMMON = ["--precision", "fp32", "--lr", "1e-3", "--max_seq_len", "64", "--eval_dataset", "data/sft_eval.jsonl",
-          "--warmup_ratio", "0.2"]
+COMMON = ["--precision", "fp32", "--lr", "1e-3", "--max_seq_len", "64", "--warmup_ratio", "0.2"]
+# 7 eval rows: uneven over 2 ranks, so the ranks' eval batches differ in count
+EVAL_ROWS = [json.loads(line) for line in open(ROOT / "data" / "sft_eval.jsonl")][:7]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,10 @@ def runs(tmp_path_factory):
     """The same 6 steps with a global batch of 4 sequences, split three ways, plus a resume."""
     base = tmp_path_factory.mktemp("sft")
     out = {name: base / name for name in ("ranks2", "accum4", "batch4", "resumed")}
+    out["eval_data"] = write_jsonl(base / "eval.jsonl", EVAL_ROWS)
     run_script("sft.py", *COMMON, "--max_steps", 6, "--per_device_batch_size", 1, "--grad_accum_steps", 2,
-               "--save_every", 3, "--output_dir", out["ranks2"], nproc=2)
+               "--save_every", 3, "--eval_every", 3, "--eval_dataset", out["eval_data"], "--output_dir", out["ranks2"],
+               nproc=2)
     run_script("sft.py", *COMMON, "--max_steps", 6, "--per_device_batch_size", 1, "--grad_accum_steps", 4,
                "--output_dir", out["accum4"])
     run_script("sft.py", *COMMON, "--max_steps", 6, "--per_device_batch_size", 4, "--grad_accum_steps", 1,
@@ -143,12 +146,14 @@ def test_hf_checkpoint_reproduces_the_trained_model(runs):
     """eval_loss was computed by the sharded model in training; recompute it from final/ with a
     plain Hugging Face forward and full log_softmax."""
     out = runs["ranks2"]
-    logged = read_metrics(out)[6]["eval_loss"]
+    metrics = read_metrics(out)
+    assert "eval_loss" in metrics[3] and metrics[6]["eval_loss"] < metrics[3]["eval_loss"]
+    logged = metrics[6]["eval_loss"]
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     lm = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     nll, count = 0.0, 0
-    for line in open(ROOT / "data" / "sft_eval.jsonl"):
-        ids, labels = sft.tokenize_conversation(tokenizer, json.loads(line)["messages"], "<|im_end|>", 64, "eval")
+    for row in EVAL_ROWS:
+        ids, labels = sft.tokenize_conversation(tokenizer, row["messages"], "<|im_end|>", 64, "eval")
         targets = torch.tensor(labels[1:])
         if (targets != -100).sum() == 0:
             continue

@@ -308,7 +308,7 @@ def test_format(completion, expected):
 
 def test_registry_dispatch_on_real_rows():
     rows = [json.loads(line) for line in (ROOT / "data" / "rl_train.jsonl").open()][:20]
-    assert any(row["ground_truth"].startswith("-") for row in rows)
+    rows.append({**rows[0], "ground_truth": "-13"})  # a negative answer in the same format
     for row in rows:
         verify = verifiers.get(row["dataset"])
         assert verify(f"some work\n#### {row['ground_truth']}", row["ground_truth"]) == 1.0
