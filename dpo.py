@@ -164,19 +164,25 @@ def simpo_loss(chosen_logps, rejected_logps, beta, gamma_beta_ratio, label_smoot
 AVERAGED = ("ipo", "dpo_norm", "simpo")  # loss types on token-averaged log-probs
 
 
-def preference_loss(args, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
-    """Per-pair losses of --loss_type and the implicit rewards of chosen and rejected
-    (beta * log-ratio to the reference; SimPO: beta * average log-prob), as TRL reports them."""
+def preference_loss(args, policy_logps, ref_logps, n_tokens):
+    """The --loss_type loss of a batch of pairs. policy_logps and ref_logps (None for simpo) are
+    summed response log-probs [B, 2] (chosen, rejected), n_tokens the response lengths [B, 2].
+    Returns per-pair losses [B], the implicit rewards of chosen and rejected [B] (beta * log-ratio
+    to the reference; SimPO: beta * average log-prob), as TRL reports them, and the policy
+    log-probs the loss used [B, 2] (averaged for ipo, dpo_norm and simpo)."""
+    if args.loss_type in AVERAGED:
+        policy_logps = policy_logps / n_tokens
+        ref_logps = ref_logps / n_tokens if ref_logps is not None else None
     if args.loss_type == "simpo":
-        losses = simpo_loss(policy_chosen, policy_rejected, args.beta, args.simpo_gamma_beta_ratio,
+        losses = simpo_loss(policy_logps[:, 0], policy_logps[:, 1], args.beta, args.simpo_gamma_beta_ratio,
                             args.label_smoothing)
-        return losses, args.beta * policy_chosen, args.beta * policy_rejected
-    chosen_logratios, rejected_logratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+        return losses, args.beta * policy_logps[:, 0], args.beta * policy_logps[:, 1], policy_logps
+    chosen_logratios, rejected_logratios = (policy_logps - ref_logps).unbind(1)
     if args.loss_type == "ipo":
         losses = ipo_loss(chosen_logratios, rejected_logratios, args.beta)
     else:
         losses = dpo_loss(chosen_logratios, rejected_logratios, args.beta, args.label_smoothing)
-    return losses, args.beta * chosen_logratios, args.beta * rejected_logratios
+    return losses, args.beta * chosen_logratios, args.beta * rejected_logratios, policy_logps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +386,7 @@ def all_sequence_logps(model, rows, per_device, rank, world, pad_id, device):
         if start < len(rows):
             out[chunk] = torch.stack(logps.split(len(chunk)), 1)
     dist.all_reduce(out)
+    model.reshard()  # FSDP keeps the root's parameters gathered after a forward without backward
     model.train()
     return out
 
@@ -588,13 +595,10 @@ def main(args):
                          f"({batch_size} = per_device_batch_size x grad_accum_steps x world size)")
     total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
 
-    def response_counts(rows):
+    def response_lengths(rows):
         return torch.tensor([[row["n_chosen"], row["n_rejected"]] for row in rows], dtype=torch.float64, device=device)
 
-    # averaged loss types divide each sequence's log-prob by its number of response tokens
-    train_norm, eval_norm = response_counts(train_rows), response_counts(eval_rows)
-    if args.loss_type not in AVERAGED:
-        train_norm, eval_norm = torch.ones_like(train_norm), torch.ones_like(eval_norm)
+    train_lengths, eval_lengths = response_lengths(train_rows), response_lengths(eval_rows)
 
     # model
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
@@ -606,7 +610,13 @@ def main(args):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard(lm, mp)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
+
 
     # reference log-probs: from the cache, or one pass of the initial policy (or --ref_model) now,
     # before any update and before --resume loads trained weights
@@ -640,12 +650,7 @@ def main(args):
         if cache["train"].shape != (len(train_rows), 2) or cache["eval"].shape != (len(eval_rows), 2):
             raise ValueError(f"{path} holds {len(cache['train'])} + {len(cache['eval'])} pairs, this run has "
                              f"{len(train_rows)} + {len(eval_rows)}; delete it")
-        ref_train, ref_eval = cache["train"].to(device) / train_norm, cache["eval"].to(device) / eval_norm
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
+        ref_train, ref_eval = cache["train"].to(device), cache["eval"].to(device)
 
     start_step = 0
     if args.resume:
@@ -654,20 +659,11 @@ def main(args):
         if rank == 0:
             print(f"resumed from {path}")
 
-    def pair_losses(logps, norm, ref, indices):
-        """Per-pair losses, rewards and (normalized) policy log-probs of a batch of pairs."""
-        policy = logps / norm[indices]
-        ref_chosen, ref_rejected = ref[indices].unbind(1) if ref is not None else (None, None)
-        losses, chosen_rewards, rejected_rewards = preference_loss(args, policy[:, 0], policy[:, 1],
-                                                                   ref_chosen, ref_rejected)
-        return losses, chosen_rewards, rejected_rewards, policy
-
     def evaluate():
         """Held-out preference metrics: mean loss, how often the implicit reward of chosen beats
         rejected (policy vs reference), and how often the policy's own log-prob does."""
         logps = all_sequence_logps(model, eval_rows, args.per_device_batch_size, rank, world, pad_id, device)
-        indices = torch.arange(len(eval_rows), device=device)
-        losses, chosen_rewards, rejected_rewards, policy = pair_losses(logps, eval_norm, ref_eval, indices)
+        losses, chosen_rewards, rejected_rewards, policy = preference_loss(args, logps, ref_eval, eval_lengths)
         return {"eval_loss": losses.mean().item(),
                 "eval_rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
                 "eval_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
@@ -696,7 +692,6 @@ def main(args):
         log(evaluate(), 0)
 
     # training loop
-    params = [p for p in model.parameters() if p.requires_grad]
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
@@ -708,8 +703,9 @@ def main(args):
                                                  args.per_device_batch_size, pad_id):
             logps = model(ids.to(device), targets.to(device))
             chunk = torch.tensor(chunk, device=device)
-            losses, chosen_rewards, rejected_rewards, policy = pair_losses(
-                torch.stack(logps.split(len(chunk)), 1), train_norm, ref_train, chunk)
+            losses, chosen_rewards, rejected_rewards, policy = preference_loss(
+                args, torch.stack(logps.split(len(chunk)), 1), ref_train[chunk] if ref_train is not None else None,
+                train_lengths[chunk])
             # FSDP averages gradients over ranks; scaling by world makes them a global-batch mean
             (losses.sum() * world / batch_size).backward()
             totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
