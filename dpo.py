@@ -617,25 +617,32 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
 
-
     # reference log-probs: from the cache, or one pass of the initial policy (or --ref_model) now,
     # before any update and before --resume loads trained weights
     ref_train = ref_eval = None
     if args.loss_type != "simpo":
-        meta = {"ref_model": model_fingerprint(args.ref_model or args.model, args.seed),
-                "dataset": args.dataset, "eval_dataset": args.eval_dataset, "max_seq_len": args.max_seq_len,
-                "tokens": data_fingerprint(train_rows + eval_rows), "dtype": str(compute_dtype),
-                "attn_implementation": args.attn_implementation}
-        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-        path = args.ref_cache or os.path.join(args.ref_cache_dir or args.output_dir, f"ref_logps_{key[:16]}.pt")
-        cache = load_reference_cache(path, key, meta, explicit=bool(args.ref_cache))
-        if cache is not None:
-            if rank == 0:
-                print(f"reference log-probs: reusing {path} (no reference pass)")
-        else:
-            if rank == 0:
-                print(f"reference log-probs: one pass of {args.ref_model or args.model} over "
-                      f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
+        # rank 0 looks for the cache and tells the others (their filesystem may not hold it)
+        found = [None] * 4
+        if rank == 0:
+            meta = {"ref_model": model_fingerprint(args.ref_model or args.model, args.seed),
+                    "dataset": args.dataset, "eval_dataset": args.eval_dataset, "max_seq_len": args.max_seq_len,
+                    "tokens": data_fingerprint(train_rows + eval_rows), "dtype": str(compute_dtype),
+                    "attn_implementation": args.attn_implementation}
+            key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+            path = args.ref_cache or os.path.join(args.ref_cache_dir or args.output_dir, f"ref_logps_{key[:16]}.pt")
+            try:
+                found = [path, key, meta, load_reference_cache(path, key, meta, explicit=bool(args.ref_cache))]
+            except ValueError as error:
+                found = [path, key, meta, error]
+        dist.broadcast_object_list(found)
+        path, key, meta, cache = found
+        if isinstance(cache, ValueError):
+            raise cache
+        if rank == 0:
+            print(f"reference log-probs: reusing {path} (no reference pass)" if cache is not None else
+                  f"reference log-probs: one pass of {args.ref_model or args.model} over "
+                  f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
+        if cache is None:
             ref = shard(load_model(args.ref_model, args.attn_implementation, rank), mp) if args.ref_model else model
             cache = {"key": key, "meta": meta,
                      "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, rank, world, pad_id,

@@ -190,12 +190,13 @@ def final_weights(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def initial_logps(rows, tokenizer):
+def initial_logps(rows, tokenizer, model_dir=None):
     """Summed response log-probs [n, 2] of the end-to-end runs' initial policy (assets/tiny
-    initialized with --seed 1), by a plain forward and full log_softmax per sequence, and the
-    response lengths [n, 2]."""
+    initialized with --seed 1) or of model_dir, by a plain forward and full log_softmax per
+    sequence, and the response lengths [n, 2]."""
     torch.manual_seed(1)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), dtype=torch.float32).eval()
+    lm = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if model_dir else
+          AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), dtype=torch.float32)).eval()
     out, lengths = [], []
     for row in rows:
         prompt, chosen, rejected = dpo.split_pair(row, "test")
@@ -286,6 +287,24 @@ def test_rerun_uses_the_cached_reference_without_a_reference_pass(runs, data, tm
     assert metrics[1]["loss"] == pytest.approx(-log_sigmoid(-2 * BETA), abs=1e-6)
     assert metrics[1]["rewards/chosen"] == pytest.approx(-2 * BETA, abs=1e-5)
     assert metrics[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # eval entries untouched
+
+
+def test_ref_model_is_the_reference(runs, data, tokenizer, tmp_path):
+    """With --ref_model (here the trained batch4 model), the first step's implicit rewards are
+    beta times the initial policy's log-probs minus that model's, both computed here."""
+    out = tmp_path / "ref_model"
+    proc = run_script("dpo.py", *COMMON[:-1], 1, "--dataset", data["train"], "--eval_dataset", data["eval"],
+                      "--per_device_batch_size", 4, "--ref_model", runs["batch4"] / "final", "--output_dir", out)
+    assert f"one pass of {runs['batch4'] / 'final'}" in proc.stdout
+    rows = demo_rows("dpo_train.jsonl", 32)
+    first = [rows[i] for i in dpo.global_batch(0, len(rows), 4, seed=1)]
+    policy, _ = initial_logps(first, tokenizer)
+    ref, _ = initial_logps(first, tokenizer, runs["batch4"] / "final")
+    metrics = read_metrics(out)[1]
+    assert metrics["rewards/chosen"] == pytest.approx(BETA * (policy[:, 0] - ref[:, 0]).mean().item(), rel=1e-4)
+    assert metrics["rewards/rejected"] == pytest.approx(BETA * (policy[:, 1] - ref[:, 1]).mean().item(), rel=1e-4)
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.softplus(
+        -BETA * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))).mean().item(), rel=1e-4)
 
 
 def test_mismatched_cache_is_refused(runs, data, tmp_path):
