@@ -301,10 +301,6 @@ def global_batch(step, n_rows, batch_size, seed):
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
 
-def pair_length(row):
-    return len(row["chosen_ids"]) + len(row["rejected_ids"])
-
-
 def micro_batches(rows, indices, rank, world, accum, per_device, pad_id):
     """This rank's micro-batches of a global batch of pairs, sorted by length before they are
     dealt out so that padding stays small. Each is (pair indices [B], input ids [2B, T], next-token
@@ -703,7 +699,7 @@ def main(args):
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         indices = global_batch(step - 1, len(train_rows), batch_size, args.seed)
-        n_tokens = sum(pair_length(train_rows[i]) for i in indices)
+        n_tokens = sum(len(train_rows[i]["chosen_ids"]) + len(train_rows[i]["rejected_ids"]) for i in indices)
         # sums over this rank's pairs: loss, rewards chosen/rejected, correct, logps chosen/rejected
         totals = torch.zeros(6, dtype=torch.float64, device=device)
         for chunk, ids, targets in micro_batches(train_rows, indices, rank, world, args.grad_accum_steps,

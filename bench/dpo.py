@@ -128,7 +128,8 @@ def run_trl(args):
 
     def model():
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(qwen_config(args.small), dtype=torch.float32 if args.small else torch.bfloat16)
+        dtype = torch.float32 if args.small else torch.bfloat16
+        return AutoModelForCausalLM.from_config(qwen_config(args.small), dtype=dtype)
 
     class Timer(TrainerCallback):
         times = []
@@ -138,8 +139,8 @@ def run_trl(args):
             self.times.append(time.perf_counter())
 
     config = DPOConfig(output_dir="/tmp/bench_trl_dpo", per_device_train_batch_size=args.pairs, max_steps=args.steps,
-                       max_length=args.prompt_len + args.completion_len, bf16=not args.small, gradient_checkpointing=False,
-                       logging_steps=1, report_to="none", save_strategy="no")
+                       max_length=args.prompt_len + args.completion_len, bf16=not args.small,
+                       gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no")
     trainer = DPOTrainer(model=model(), ref_model=model(), args=config, train_dataset=data,
                          processing_class=tokenizer, callbacks=[Timer()])
     if torch.cuda.is_available():
@@ -184,8 +185,8 @@ def main():
         print(json.dumps(results[-1]), flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n{device}, {args.pairs} pairs x ({args.prompt_len} + {args.completion_len}) tokens, "
-          "bf16\n\n| impl | train tok/s | peak GiB | ref pass tok/s | with ref pass amortized tok/s |\n|---|---|---|---|---|")
+    print(f"\n{device}, {args.pairs} pairs x ({args.prompt_len} + {args.completion_len}) tokens, bf16\n\n"
+          "| impl | train tok/s | peak GiB | ref pass tok/s | with ref pass amortized tok/s |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['impl']} | {r['tokens_per_s']:,} | {r['peak_GiB']} | {r.get('ref_pass_tokens_per_s', '-')} | "
               f"{r.get('amortized_tokens_per_s', '-')} |")
