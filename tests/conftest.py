@@ -78,3 +78,15 @@ def sft_demo_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_demo") / "run"
     run_script("sft.py", "--output_dir", out)
     return out / "final", greedy_accuracy(out / "final")
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
+    """pipeline.py's DPO, GRPO and PPO stages at the demo settings, from the demo SFT run.
+    Returns (output dir, results.json as a dict)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    shutil.copytree(sft_demo_checkpoint[0].parent, out / "sft")
+    run_script("pipeline.py", "--output_dir", out, "--stages", "dpo", "grpo", "ppo", timeout=1800)
+    return out, json.loads((out / "results.json").read_text())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, greedy_accuracy, read_metrics, run_script, write_jsonl
+from conftest import ROOT, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import dpo  # noqa: E402
@@ -359,31 +359,15 @@ def test_malformed_row_stops_before_training(tmp_path):
 
 
 # Tulu 3's loss on the first 1024 demo pairs, 2 epochs (the tiny model wants a larger lr than 5e-7)
-DEMO_ARGS = ["--loss_type", "dpo_norm", "--beta", 5, "--lr", 2e-4, "--num_epochs", 2, "--eval_every", 32]
-
-
 @pytest.mark.slow
-def test_dpo_learns_the_demo_preferences(sft_demo_checkpoint, tmp_path):
-    """From the demo SFT checkpoint, DPO makes the implicit reward prefer the correct answer, on
-    training batches and on held-out pairs, and lowers the held-out loss from ln 2."""
-    path, sft_accuracy = sft_demo_checkpoint
-    out = tmp_path / "run"
-    train = write_jsonl(tmp_path / "train.jsonl", demo_rows("dpo_train.jsonl", 1024))
-    start = time.time()
-    run_script("dpo.py", "--model", path, "--dataset", train, *DEMO_ARGS, "--output_dir", out)
-    minutes = (time.time() - start) / 60
-    metrics = read_metrics(out)
+def test_dpo_learns_the_demo_preferences(demo_pipeline):
+    """The pipeline's DPO stage (dpo_norm, beta 5, lr 3e-5, 64 steps of 16 pairs from the demo SFT
+    model) makes the implicit reward prefer the correct answer on held-out pairs and lowers the
+    held-out loss from ln 2. Measured: eval_rewards/accuracies 0 -> 0.75, eval_loss 0.693 -> 0.542."""
+    out, _ = demo_pipeline
+    metrics = read_metrics(out / "dpo")
     last = max(metrics)
-    dpo_accuracy = greedy_accuracy(out / "final")
-    train_accuracy = [metrics[s]["rewards/accuracies"] for s in range(1, last + 1)]
-    early, late = sum(train_accuracy[:10]) / 10, sum(train_accuracy[-10:]) / 10
-    print(f"DPO learning: {last} steps in {minutes:.1f} min; rewards/accuracies first/last 10 steps {early:.3f} -> "
-          f"{late:.3f}; held-out eval_rewards/accuracies {metrics[0]['eval_rewards/accuracies']:.3f} -> "
-          f"{metrics[last]['eval_rewards/accuracies']:.3f}, eval_loss {metrics[0]['eval_loss']:.4f} -> "
-          f"{metrics[last]['eval_loss']:.4f}, eval_logps/accuracies {metrics[0]['eval_logps/accuracies']:.3f} -> "
-          f"{metrics[last]['eval_logps/accuracies']:.3f}; greedy held-out accuracy {sft_accuracy:.3f} -> "
-          f"{dpo_accuracy:.3f}")
-    assert late >= early + 0.15 and late >= 0.6
-    assert metrics[0]["eval_rewards/accuracies"] == 0 and metrics[last]["eval_rewards/accuracies"] >= 0.58
+    assert metrics[0]["eval_rewards/accuracies"] == 0 and metrics[last]["eval_rewards/accuracies"] >= 0.65
     assert metrics[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert metrics[last]["eval_loss"] <= math.log(2) - 0.05
+    assert metrics[last]["eval_loss"] <= math.log(2) - 0.1
+    assert metrics[last]["eval_rewards/margins"] > 0.3

@@ -1,0 +1,153 @@
+"""The whole post-training pipeline on the built-in arithmetic task, offline, on a laptop CPU:
+SFT from a random tiny model, then DPO from the SFT model, then GRPO and PPO each from the DPO
+model, with held-out accuracy (eval.py, greedy) after every stage, a results table and a plot of
+every stage's training curves.
+
+    python pipeline.py                        # about 10 minutes on 2 CPU cores
+    python pipeline.py --nproc 2              # each stage under torchrun with 2 processes
+    python pipeline.py --scale 0.3            # fewer steps: a quick check that everything runs
+
+Each stage is the plain script with the flags below: the commands it prints are the commands to
+run by hand. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/results.md,
+output_dir/pipeline.png.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import tyro
+
+import eval as evaluation
+
+# The demo recipe: (stage, script, model it starts from, flags). Step counts are scaled by --scale.
+STAGES = [
+    ("sft", "sft.py", None, ["--num_epochs", "4"]),
+    ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64"]),
+    ("grpo", "grpo.py", "dpo", ["--max_steps", "40"]),
+    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "40"]),
+]
+# The curve plotted for each stage, by metric name.
+CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "rewards/accuracies"], "grpo": ["reward", "eval/accuracy"],
+          "ppo": ["objective/scores", "loss/value_avg"]}
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/pipeline"
+    """one subdirectory per stage, plus results.md and pipeline.png"""
+    nproc: int = 1
+    """processes per stage (torchrun --nproc_per_node) when > 1"""
+    scale: float = 1.0
+    """multiplies every stage's step count (epochs for SFT): < 1 for a quick run"""
+    stages: tuple[str, ...] = ("sft", "dpo", "grpo", "ppo")
+    """which stages to run, in order; a stage's starting model must exist (from this or an earlier run)"""
+    eval_rows: int = 300
+    """held-out rows evaluated after each stage"""
+    seed: int = 1
+    """passed to every stage"""
+
+
+def scaled(flags, scale):
+    """The flags with --max_steps / --num_epochs multiplied by scale (at least 1)."""
+    out = list(flags)
+    for i, flag in enumerate(out[:-1]):
+        if flag in ("--max_steps", "--num_epochs"):
+            out[i + 1] = str(max(1, round(float(out[i + 1]) * scale)))
+    return out
+
+
+def run_stage(script, flags, nproc):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc_per_node", str(nproc)]
+    cmd = launcher + [script] + flags
+    print("\n$ " + " ".join(["python" if nproc == 1 else f"torchrun --nproc_per_node {nproc}", script] + flags),
+          flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc))),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def read_metrics(path):
+    rows = {}
+    if os.path.exists(path):
+        for line in open(path):
+            row = json.loads(line)
+            rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def plot(output_dir, stages, accuracies):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.4))
+    for ax, stage in zip(axes, stages):
+        metrics = read_metrics(os.path.join(output_dir, stage, "metrics.jsonl"))
+        for name in CURVES[stage]:
+            points = [(step, row[name]) for step, row in sorted(metrics.items()) if name in row]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=name)
+        ax.set_title(stage.upper())
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    names = list(stages)
+    axes[-1].bar(names, [accuracies[n] for n in names], color="tab:green")
+    for i, n in enumerate(names):
+        axes[-1].text(i, accuracies[n], f"{accuracies[n]:.0%}", ha="center", va="bottom", fontsize=9)
+    axes[-1].set_title("held-out accuracy")
+    axes[-1].set_ylim(0, 1)
+    fig.tight_layout()
+    path = os.path.join(output_dir, "pipeline.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def held_out_accuracy(model_dir, rows):
+    summary, _ = evaluation.evaluate(evaluation.Args(model=model_dir, max_rows=rows))
+    return summary["accuracy"]
+
+
+def main(args):
+    stage_specs = {name: (script, start, flags) for name, script, start, flags in STAGES}
+    unknown = set(args.stages) - set(stage_specs)
+    if unknown:
+        raise ValueError(f"--stages: unknown {sorted(unknown)}; choose from {list(stage_specs)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    final = {name: os.path.join(args.output_dir, name, "final") for name in stage_specs}
+    accuracies, times = {}, {}
+    for stage in args.stages:
+        script, start, flags = stage_specs[stage]
+        model = final[start] if start else "assets/tiny"
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"stage {stage} starts from {model}, which does not exist: run stage {start} first")
+        if start and start not in accuracies:  # a stage run earlier: measure where this one starts
+            accuracies[start] = held_out_accuracy(model, args.eval_rows)
+        t0 = time.perf_counter()
+        run_stage(script, ["--model", model, "--output_dir", os.path.join(args.output_dir, stage),
+                           "--seed", str(args.seed)] + scaled(flags, args.scale), args.nproc)
+        times[stage] = time.perf_counter() - t0
+        accuracies[stage] = held_out_accuracy(final[stage], args.eval_rows)
+        print(f"{stage}: held-out accuracy {accuracies[stage]:.1%} ({times[stage]:.0f} s)", flush=True)
+
+    lines = ["| stage | starts from | held-out accuracy | time |", "|---|---|---|---|"]
+    for stage in (s for s in stage_specs if s in accuracies):
+        start = stage_specs[stage][1] or "random init"
+        took = f"{times[stage]:.0f} s" if stage in times else "(earlier run)"
+        lines.append(f"| {stage.upper()} | {start} | {accuracies[stage]:.1%} | {took} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"accuracy": accuracies, "seconds": times}, f, indent=1)
+    print("\n" + table)
+    print(f"plot: {plot(args.output_dir, [s for s in stage_specs if s in accuracies], accuracies)}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,21 @@
+"""pipeline.py: the demo's DPO, GRPO and PPO stages from the demo SFT model, as the README runs
+them: every stage writes its checkpoint and curves, the table and plot are written, and held-out
+accuracy is far above chance after SFT and rises with GRPO and PPO over their starting model."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_pipeline_stages_improve_held_out_accuracy(demo_pipeline):
+    out, results = demo_pipeline
+    accuracy = results["accuracy"]
+    print(f"pipeline held-out accuracy: {accuracy}, seconds: {results['seconds']}")
+    assert set(accuracy) == {"sft", "dpo", "grpo", "ppo"}
+    assert accuracy["sft"] >= 0.55  # a random model scores 0
+    assert accuracy["grpo"] >= accuracy["dpo"] + 0.05
+    assert accuracy["ppo"] >= accuracy["dpo"] + 0.05
+    for stage in ("dpo", "grpo", "ppo"):
+        assert (out / stage / "final" / "model.safetensors").exists() and (out / stage / "metrics.jsonl").exists()
+    table = (out / "results.md").read_text()
+    assert all(f"| {s} |" in table for s in ("SFT", "DPO", "GRPO", "PPO"))
+    assert (out / "pipeline.png").stat().st_size > 10_000
