@@ -291,3 +291,25 @@ def test_resume_samples_the_same_completions_and_update(runs):
     weights = AutoModelForCausalLM.from_pretrained(runs["ranks2"] / "final", dtype=torch.float32).state_dict()
     for key, value in AutoModelForCausalLM.from_pretrained(runs["resumed"] / "final").state_dict().items():
         torch.testing.assert_close(value.float(), weights[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ppo_learns_from_verifier_rewards_and_fits_values(tmp_path, sft_demo_checkpoint):
+    """From the demo SFT model, PPO on 16 multiplication prompts (its weakest operation) raises
+    the verifier score and the greedy accuracy on those prompts while the value loss falls.
+    Measured (30 steps, 2 ranks, lr 1e-4): objective/scores 3.75 -> 5.50 (first vs last 5 steps,
+    out of 10), greedy accuracy 0.44 -> 0.63, loss/value_avg 7.53 -> 4.66. On the whole held-out
+    mix, PPO within a CPU budget does not raise the tiny model's greedy accuracy: the pipeline
+    reports that number as it is."""
+    model, _ = sft_demo_checkpoint
+    rows = [json.loads(line) for line in open(ROOT / "data" / "rl_train.jsonl")]
+    prompts = write_jsonl(tmp_path / "mul.jsonl", [r for r in rows if " * " in r["messages"][0]["content"]][:16])
+    run_script("ppo_rlvr.py", "--model", model, "--dataset", prompts, "--eval_dataset", prompts, "--max_steps", 30,
+               "--lr", 1e-4, "--per_device_batch_size", 8, "--eval_every", 30, "--output_dir", tmp_path / "run",
+               nproc=2)
+    metrics = read_metrics(tmp_path / "run")
+    scores = [metrics[s]["objective/scores"] for s in range(1, 31)]
+    value_loss = [metrics[s]["loss/value_avg"] for s in range(1, 31)]
+    assert statistics.mean(scores[-5:]) >= statistics.mean(scores[:5]) + 1.0, scores
+    assert statistics.mean(value_loss[-5:]) < 0.75 * statistics.mean(value_loss[:5]), value_loss
+    assert metrics[30]["eval/accuracy"] >= metrics[0]["eval/accuracy"] + 0.12, (metrics[0], metrics[30])
