@@ -27,12 +27,13 @@ import eval as evaluation
 STAGES = [
     ("sft", "sft.py", None, ["--num_epochs", "4"]),
     ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64"]),
-    ("grpo", "grpo.py", "dpo", ["--max_steps", "40", "--lr", "3e-5", "--beta", "0.05", "--per_device_batch_size", "64"]),
-    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "30", "--lr", "3e-5"]),
+    ("grpo", "grpo.py", "dpo", ["--max_steps", "40", "--lr", "3e-5", "--beta", "0.05", "--per_device_batch_size", "64",
+                                "--eval_every", "10"]),
+    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "30", "--lr", "3e-5", "--eval_every", "10"]),
 ]
 # The curve plotted for each stage, by metric name.
 CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "rewards/accuracies"], "grpo": ["reward", "eval/accuracy"],
-          "ppo": ["objective/scores", "loss/value_avg"]}
+          "ppo": ["objective/verifiable_correct_rate", "eval/accuracy"]}
 
 
 @dataclass
