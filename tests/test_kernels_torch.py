@@ -7,7 +7,9 @@ import kernels.reference
 from kernels import linear_logprobs
 
 
-def plain(hidden, weight, targets, temperature, ignore_index):
+def plain(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=True):
+    """logp and entropy in fp64 through a full log_softmax (entropy is always returned; with_entropy
+    only lets this stand in for linear_logprobs)."""
     logits = hidden.double() @ weight.double().T / temperature
     logprobs = torch.log_softmax(logits, -1)
     valid = targets != ignore_index
@@ -20,9 +22,9 @@ def rel_err(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def make(n, h, v, seed=0, ignore_frac=0.2):
+def make(n, h, v, seed=0, ignore_frac=0.2, scale=2.0):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g) * 2
+    hidden = torch.randn(n, h, generator=g) * scale
     weight = torch.randn(v, h, generator=g) / h**0.5
     targets = torch.randint(0, v, (n,), generator=g)
     targets[torch.rand(n, generator=g) < ignore_frac] = -100

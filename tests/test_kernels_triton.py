@@ -22,24 +22,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from kernels import triton_impl  # noqa: E402
 from kernels.reference import linear_logprobs_torch  # noqa: E402
-
-
-def plain(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=True):
-    logits = hidden.double() @ weight.double().T / temperature
-    logprobs = torch.log_softmax(logits, -1)
-    valid = targets != ignore_index
-    logp = logprobs.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1) * valid
-    entropy = -(logprobs.exp() * logprobs).sum(-1) * valid
-    return logp, entropy
-
-
-def make(n, h, v, seed=0, ignore_frac=0.2, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g) * scale
-    weight = torch.randn(v, h, generator=g) / h**0.5
-    targets = torch.randint(0, v, (n,), generator=g)
-    targets[torch.rand(n, generator=g) < ignore_frac] = -100
-    return hidden, weight, targets
+from test_kernels_torch import make, plain  # noqa: E402
 
 
 def run(fn, hidden, weight, targets, w_logp, w_ent, **kwargs):
