@@ -4,19 +4,26 @@
 
 A problem is one of: one-digit addition, subtraction (non-negative) and multiplication, and
 two-digit plus one-digit addition (weighted 1:1:1:2). The answer restates the problem and ends
-GSM8K-style ("#### 61"), so the gsm8k verifier scores it. A 0.8M-parameter model trained for a
-few CPU minutes gets some but not all of them right, which leaves room for DPO and RL. The
-problem space is small (about 1200 distinct problems), so the test split, drawn fresh from the
-same distribution, shares many problems with training: it measures how well the skill was
+GSM8K-style ("#### 61"), so the gsm8k verifier scores it.
+
+The SFT demonstrations come from an imperfect teacher: in 60% of the two-digit additions that
+need a carry it drops the carry ("35 + 7 = 32"). Imitation learns the slip (the SFT model gets
+almost every such problem wrong); the preference pairs (correct answer chosen) and the verifier
+(the true result) know better, which is what DPO, GRPO and PPO learn from. That is post-training
+in miniature: demonstrations teach the format and most of the skill, and feedback on the model's
+own answers fixes what the demonstrations got wrong.
+
+The problem space is small (about 1150 distinct problems), so the test split, drawn fresh from
+the same distribution, shares many problems with training: it measures how well the skill was
 learned, not generalization to unseen numbers.
 
 Files:
-    sft_train.jsonl  messages; about 10% two-turn conversations   (sft.py --dataset)
-    sft_eval.jsonl   messages                                       (sft.py --eval_dataset)
+    sft_train.jsonl  messages (the teacher's answers); about 10% two-turn conversations
+    sft_eval.jsonl   messages (the teacher's answers)              (sft.py --eval_dataset)
     dpo_train.jsonl  chosen / rejected conversations sharing the prompt; rejected has a
                      plausible wrong answer (carry slip, off by one, swapped digits)
     dpo_eval.jsonl   same format, other samples
-    rl_train.jsonl   messages (the prompt) + ground_truth + dataset="gsm8k"
+    rl_train.jsonl   messages (the prompt) + ground_truth (the true result) + dataset="gsm8k"
     test.jsonl       problems in the RL format: the accuracy benchmark
 """
 
@@ -24,7 +31,9 @@ import json
 import os
 import random
 
-SEED = 1234
+SEED = 1234  # the problems
+TEACHER_SEED = 7  # the teacher's slips: a separate stream, so SLIP does not change the problems
+SLIP = 0.6  # how often the teacher drops a needed carry in a two-digit addition
 SIZES = {"sft_train": 6000, "sft_eval": 200, "dpo_train": 3000, "dpo_eval": 200, "rl_train": 3000, "test": 300}
 OUT = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,20 +80,30 @@ def wrong_answer(rng, answer):
             return wrong
 
 
+def teacher_answer(teacher, expr, answer):
+    """The demonstrator's answer: it drops the carry in SLIP of the two-digit additions needing one."""
+    a, op, b = expr.split()
+    if op == "+" and int(a) >= 10 and int(a) % 10 + int(b) >= 10 and teacher.random() < SLIP:
+        return answer - 10
+    return answer
+
+
 def conversation(expr, answer):
     return [{"role": "user", "content": prompt_text(expr)}, {"role": "assistant", "content": answer_text(expr, answer)}]
 
 
 def main():
-    rng = random.Random(SEED)
+    rng, teacher = random.Random(SEED), random.Random(TEACHER_SEED)
     test = [sample_problem(rng) for _ in range(SIZES["test"])]
 
     rows = {name: [] for name in SIZES}
     for name in ("sft_train", "sft_eval"):
         for _ in range(SIZES[name]):
-            messages = conversation(*sample_problem(rng))
+            expr, answer = sample_problem(rng)
+            messages = conversation(expr, teacher_answer(teacher, expr, answer))
             if name == "sft_train" and rng.random() < 0.1:
-                messages += conversation(*sample_problem(rng))
+                expr, answer = sample_problem(rng)
+                messages += conversation(expr, teacher_answer(teacher, expr, answer))
             rows[name].append({"messages": messages})
     for name in ("dpo_train", "dpo_eval"):
         for _ in range(SIZES[name]):
