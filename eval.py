@@ -167,19 +167,21 @@ def summarize(records, num_samples):
 
 def main(args):
     summary, records = evaluate(args)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.destroy_process_group()
-        return
-    output = args.output or (os.path.join(args.model, f"eval_{os.path.splitext(os.path.basename(args.dataset))[0]}.jsonl")
-                             if os.path.isdir(args.model) else "eval.jsonl")
-    with open(output, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    for key, value in summary.items():
-        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
-    print(json.dumps(summary))
-    print(f"wrote {output}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        split_name = os.path.splitext(os.path.basename(args.dataset))[0]
+        output = args.output or (os.path.join(args.model, f"eval_{split_name}.jsonl") if os.path.isdir(args.model)
+                                 else "eval.jsonl")
+        with open(output, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        for key, value in summary.items():
+            print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
+        print(json.dumps(summary))
+        print(f"wrote {output}")
     if dist.is_initialized():
+        # ranks leave together: a gloo rank that tears down while its peer still holds the
+        # connection can abort the peer at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -729,6 +729,7 @@ def main(args):
     save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
+    dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it
     dist.destroy_process_group()
 
 
