@@ -1,6 +1,6 @@
 """grpo.py: advantages and every loss_type against independent computations, the clip and KL terms,
 row checks, end to end on 2 CPU ranks, exact resume (same samples, same losses), ratio 1 with one
-iteration, and learning on the demo task from the SFT checkpoint."""
+iteration, and held-out learning in the demo pipeline."""
 
 import json
 import math
@@ -238,20 +238,19 @@ def test_one_iteration_never_clips(runs):
 
 
 @pytest.mark.slow
-def test_grpo_learns_from_verifier_rewards(tmp_path, sft_demo_checkpoint):
-    """From the demo SFT model, GRPO on 16 multiplication prompts (its weakest operation) raises
-    the reward and the greedy accuracy on those prompts. Measured: reward 0.30 -> 0.64 (first vs
-    last 5 steps: 0.35 -> 0.62), greedy accuracy 0.44 -> 0.69, 25 steps, 2 ranks. On the whole
-    held-out mix, GRPO within a CPU budget does not raise the tiny model's greedy accuracy (it
-    stays within noise or drops a few points): the pipeline reports that number as it is."""
-    model, _ = sft_demo_checkpoint
-    rows = [json.loads(line) for line in open(ROOT / "data" / "rl_train.jsonl")]
-    prompts = write_jsonl(tmp_path / "mul.jsonl", [r for r in rows if " * " in r["messages"][0]["content"]][:16])
-    run_script("grpo.py", "--model", model, "--dataset", prompts, "--eval_dataset", prompts, "--max_steps", 25,
-               "--lr", 1e-4, "--per_device_batch_size", 64, "--num_generations", 8, "--eval_every", 25,
-               "--output_dir", tmp_path / "run", nproc=2)
-    metrics = read_metrics(tmp_path / "run")
-    early = statistics.mean(metrics[s]["reward"] for s in range(1, 6))
-    late = statistics.mean(metrics[s]["reward"] for s in range(21, 26))
-    assert late >= early + 0.15, (early, late)
-    assert metrics[25]["eval/accuracy"] >= metrics[0]["eval/accuracy"] + 0.15, (metrics[0], metrics[25])
+def test_grpo_raises_held_out_accuracy(demo_pipeline):
+    """The pipeline's GRPO stage (from the DPO model: 150 steps of 16 prompts x 8 samples, lr 1e-4
+    with warmup and cosine decay, about 95 s on 2 cores) raises greedy accuracy on the 300
+    held-out problems, and most on the two-digit carry problems that the SFT teacher demonstrated
+    with the carry dropped: the verifier's reward teaches what imitation could not. Measured:
+    accuracy 0.690 -> 0.767 (eval/accuracy every 25 steps: 0.69 0.71 0.73 0.73 0.74 0.77 0.77),
+    carry problems 0.04 -> 0.42, training reward 0.53 -> 0.60 (first vs last 20 steps)."""
+    out, results = demo_pipeline
+    accuracy, carry = results["accuracy"], results["carry_accuracy"]
+    assert accuracy["grpo"] >= accuracy["dpo"] + 0.04, accuracy
+    assert carry["grpo"] >= carry["dpo"] + 0.2, carry
+    metrics = read_metrics(out / "grpo")
+    last = max(metrics)
+    early = statistics.mean(metrics[s]["reward"] for s in range(1, 21))
+    late = statistics.mean(metrics[s]["reward"] for s in range(last - 19, last + 1))
+    assert late >= early + 0.03, (early, late)

@@ -1,6 +1,6 @@
 """ppo_rlvr.py: GAE, whitening, rewards and the PPO loss against hand computations; log-probs and
 values of left-padded batches; row validation; end to end on 2 CPU ranks (ratio exactly 1 on the
-first minibatch, resume equivalence); learning on the demo task."""
+first minibatch, resume equivalence); held-out learning in the demo pipeline."""
 
 import json
 import math
@@ -294,22 +294,22 @@ def test_resume_samples_the_same_completions_and_update(runs):
 
 
 @pytest.mark.slow
-def test_ppo_learns_from_verifier_rewards_and_fits_values(tmp_path, sft_demo_checkpoint):
-    """From the demo SFT model, PPO on 16 multiplication prompts (its weakest operation) raises
-    the verifier score and the greedy accuracy on those prompts while the value loss falls.
-    Measured (30 steps, 2 ranks, lr 1e-4): objective/scores 3.75 -> 5.50 (first vs last 5 steps,
-    out of 10), greedy accuracy 0.44 -> 0.63, loss/value_avg 7.53 -> 4.66. On the whole held-out
-    mix, PPO within a CPU budget does not raise the tiny model's greedy accuracy: the pipeline
-    reports that number as it is."""
-    model, _ = sft_demo_checkpoint
-    rows = [json.loads(line) for line in open(ROOT / "data" / "rl_train.jsonl")]
-    prompts = write_jsonl(tmp_path / "mul.jsonl", [r for r in rows if " * " in r["messages"][0]["content"]][:16])
-    run_script("ppo_rlvr.py", "--model", model, "--dataset", prompts, "--eval_dataset", prompts, "--max_steps", 30,
-               "--lr", 1e-4, "--per_device_batch_size", 8, "--eval_every", 30, "--output_dir", tmp_path / "run",
-               nproc=2)
-    metrics = read_metrics(tmp_path / "run")
-    scores = [metrics[s]["objective/scores"] for s in range(1, 31)]
-    value_loss = [metrics[s]["loss/value_avg"] for s in range(1, 31)]
-    assert statistics.mean(scores[-5:]) >= statistics.mean(scores[:5]) + 1.0, scores
-    assert statistics.mean(value_loss[-5:]) < 0.75 * statistics.mean(value_loss[:5]), value_loss
-    assert metrics[30]["eval/accuracy"] >= metrics[0]["eval/accuracy"] + 0.12, (metrics[0], metrics[30])
+def test_ppo_raises_held_out_accuracy_and_fits_values(demo_pipeline):
+    """The pipeline's PPO stage (from the DPO model: 60 rollouts of 64 prompts, 2 PPO epochs each,
+    lr 1e-4, value lr 3e-4, lam 1, beta 0.05) raises greedy accuracy on the 300 held-out problems,
+    and most on the two-digit carry problems that the SFT teacher demonstrated with the carry
+    dropped, while the value model learns to predict the score. Measured: accuracy 0.690 -> 0.767
+    (eval/accuracy every 20 steps: 0.69 0.71 0.743 0.767), carry problems 0.04 -> 0.35,
+    loss/value_avg 18.0 -> 11.3 and objective/scores 5.25 -> 5.89 out of 10 (first vs last 10
+    steps)."""
+    out, results = demo_pipeline
+    accuracy, carry = results["accuracy"], results["carry_accuracy"]
+    assert accuracy["ppo"] >= accuracy["dpo"] + 0.04, accuracy
+    assert carry["ppo"] >= carry["dpo"] + 0.15, carry
+    metrics = read_metrics(out / "ppo")
+    last = max(metrics)
+    first_10, last_10 = range(1, 11), range(last - 9, last + 1)
+    value_loss = [statistics.mean(metrics[s]["loss/value_avg"] for s in steps) for steps in (first_10, last_10)]
+    assert value_loss[1] < 0.75 * value_loss[0], value_loss
+    scores = [statistics.mean(metrics[s]["objective/scores"] for s in steps) for steps in (first_10, last_10)]
+    assert scores[1] >= scores[0] + 0.3, scores

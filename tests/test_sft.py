@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, free_port, greedy_accuracy, read_metrics, run_script, write_jsonl
+from conftest import ROOT, free_port, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import sft  # noqa: E402
@@ -205,8 +205,11 @@ def test_bad_flag_is_rejected(tmp_path):
 @pytest.mark.slow
 def test_sft_learns_the_demo_task(sft_demo_checkpoint):
     """From random init, the demo SFT run (sft.py's defaults) reaches a held-out exact-answer
-    accuracy far above chance (a random model scores 0; measured: 0.70)."""
-    path, accuracy = sft_demo_checkpoint
+    accuracy far above chance (a random model scores 0; measured: 0.72), and imitates its teacher's
+    slip: it gets the held-out two-digit carry problems, which the teacher mostly demonstrates with
+    the carry dropped, nearly all wrong (measured: 0.04)."""
+    path, (accuracy, carry_accuracy) = sft_demo_checkpoint
     metrics = read_metrics(path.parent)
     assert metrics[1]["loss"] > 4 and metrics[max(metrics)]["eval_loss"] < 0.1
     assert accuracy >= 0.55, accuracy
+    assert carry_accuracy <= 0.25, carry_accuracy
