@@ -28,8 +28,8 @@ import eval as evaluation
 STAGES = [
     ("sft", "sft.py", None, ["--num_epochs", "4"]),
     ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64"]),
-    ("grpo", "grpo.py", "dpo", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1", "--lr_schedule", "cosine",
-                                "--per_device_batch_size", "128", "--eval_every", "25"]),
+    ("grpo", "grpo.py", "dpo", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1",
+                                "--lr_schedule", "cosine", "--per_device_batch_size", "128", "--eval_every", "25"]),
     ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "60", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0",
                                    "--num_ppo_epochs", "2", "--per_device_batch_size", "64", "--eval_every", "20"]),
 ]
@@ -159,7 +159,8 @@ def main(args):
     for stage in (s for s in stage_specs if s in accuracies):
         start = stage_specs[stage][1] or "random init"
         took = f"{times[stage]:.0f} s" if stage in times else "(earlier run)"
-        lines.append(f"| {stage.upper()} | {start} | {accuracies[stage]:.1%} | {carry_accuracies[stage]:.1%} | {took} |")
+        lines.append(f"| {stage.upper()} | {start} | {accuracies[stage]:.1%} | {carry_accuracies[stage]:.1%} "
+                     f"| {took} |")
     table = "\n".join(lines)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
