@@ -455,6 +455,48 @@ def load_reference_cache(path, key, meta, explicit):
     return cache
 
 
+def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_id, rank, world, device):
+    """[n, 2] reference log-probs (chosen, rejected) of the train and eval pairs: read from the
+    cache when its key matches, else one no-grad pass of --ref_model (or of model, the initial
+    policy) over every pair, saved atomically for the next run."""
+    # rank 0 looks for the cache and tells the others (their filesystem may not hold it)
+    found = [None] * 4
+    if rank == 0:
+        meta = {"ref_model": model_fingerprint(args.ref_model or args.model, args.seed),
+                "dataset": args.dataset, "eval_dataset": args.eval_dataset, "max_seq_len": args.max_seq_len,
+                "tokens": data_fingerprint(train_rows + eval_rows), "dtype": str(compute_dtype),
+                "attn_implementation": args.attn_implementation}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+        path = args.ref_cache or os.path.join(args.ref_cache_dir or args.output_dir, f"ref_logps_{key[:16]}.pt")
+        try:
+            found = [path, key, meta, load_reference_cache(path, key, meta, explicit=bool(args.ref_cache))]
+        except ValueError as error:
+            found = [path, key, meta, error]
+    dist.broadcast_object_list(found)
+    path, key, meta, cache = found
+    if isinstance(cache, ValueError):
+        raise cache
+    if rank == 0:
+        print(f"reference log-probs: reusing {path} (no reference pass)" if cache is not None else
+              f"reference log-probs: one pass of {args.ref_model or args.model} over "
+              f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
+    if cache is None:
+        ref = shard(load_model(args.ref_model, args.attn_implementation, rank), mp) if args.ref_model else model
+        cache = {"key": key, "meta": meta,
+                 "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, rank, world, pad_id,
+                                             device).cpu(),
+                 "eval": all_sequence_logps(ref, eval_rows, args.per_device_batch_size, rank, world, pad_id,
+                                            device).cpu()}
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.save(cache, path + ".tmp")
+            os.replace(path + ".tmp", path)
+    if cache["train"].shape != (len(train_rows), 2) or cache["eval"].shape != (len(eval_rows), 2):
+        raise ValueError(f"{path} holds {len(cache['train'])} + {len(cache['eval'])} pairs, this run has "
+                         f"{len(train_rows)} + {len(eval_rows)}; delete it")
+    return cache["train"].to(device), cache["eval"].to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: output_dir/step_N (sharded, resumable) and output_dir/final (Hugging Face)
 
@@ -617,43 +659,8 @@ def main(args):
     # before any update and before --resume loads trained weights
     ref_train = ref_eval = None
     if args.loss_type != "simpo":
-        # rank 0 looks for the cache and tells the others (their filesystem may not hold it)
-        found = [None] * 4
-        if rank == 0:
-            meta = {"ref_model": model_fingerprint(args.ref_model or args.model, args.seed),
-                    "dataset": args.dataset, "eval_dataset": args.eval_dataset, "max_seq_len": args.max_seq_len,
-                    "tokens": data_fingerprint(train_rows + eval_rows), "dtype": str(compute_dtype),
-                    "attn_implementation": args.attn_implementation}
-            key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-            path = args.ref_cache or os.path.join(args.ref_cache_dir or args.output_dir, f"ref_logps_{key[:16]}.pt")
-            try:
-                found = [path, key, meta, load_reference_cache(path, key, meta, explicit=bool(args.ref_cache))]
-            except ValueError as error:
-                found = [path, key, meta, error]
-        dist.broadcast_object_list(found)
-        path, key, meta, cache = found
-        if isinstance(cache, ValueError):
-            raise cache
-        if rank == 0:
-            print(f"reference log-probs: reusing {path} (no reference pass)" if cache is not None else
-                  f"reference log-probs: one pass of {args.ref_model or args.model} over "
-                  f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
-        if cache is None:
-            ref = shard(load_model(args.ref_model, args.attn_implementation, rank), mp) if args.ref_model else model
-            cache = {"key": key, "meta": meta,
-                     "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, rank, world, pad_id,
-                                                 device).cpu(),
-                     "eval": all_sequence_logps(ref, eval_rows, args.per_device_batch_size, rank, world, pad_id,
-                                                device).cpu()}
-            del ref
-            if rank == 0:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                torch.save(cache, path + ".tmp")
-                os.replace(path + ".tmp", path)
-        if cache["train"].shape != (len(train_rows), 2) or cache["eval"].shape != (len(eval_rows), 2):
-            raise ValueError(f"{path} holds {len(cache['train'])} + {len(cache['eval'])} pairs, this run has "
-                             f"{len(train_rows)} + {len(eval_rows)}; delete it")
-        ref_train, ref_eval = cache["train"].to(device), cache["eval"].to(device)
+        ref_train, ref_eval = reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_id, rank,
+                                              world, device)
 
     start_step = 0
     if args.resume:
