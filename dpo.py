@@ -757,7 +757,7 @@ def main(args):
             return
     bar.close()
 
-    if eval_rows:
+    if eval_rows and not (args.eval_every and step % args.eval_every == 0 and step > start_step):
         metrics = evaluate()
         log(metrics, step)
         if rank == 0:

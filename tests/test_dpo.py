@@ -175,7 +175,7 @@ def runs(tmp_path_factory, data):
     out = {name: base / name for name in ("ranks2", "accum4", "batch4", "resumed", "ref")}
     common = [*COMMON, "--dataset", data["train"], "--eval_dataset", data["eval"], "--ref_cache_dir", out["ref"]]
     out["ranks2_log"] = run_script("dpo.py", *common, "--per_device_batch_size", 1, "--grad_accum_steps", 2,
-                                   "--save_every", 2, "--output_dir", out["ranks2"], nproc=2).stdout
+                                   "--save_every", 2, "--eval_every", 2, "--output_dir", out["ranks2"], nproc=2).stdout
     out["accum4_log"] = run_script("dpo.py", *common, "--per_device_batch_size", 1, "--grad_accum_steps", 4,
                                    "--output_dir", out["accum4"]).stdout
     run_script("dpo.py", *common, "--per_device_batch_size", 4, "--output_dir", out["batch4"])
@@ -238,7 +238,10 @@ def test_two_ranks_end_to_end(runs, data, tokenizer):
     assert (out / "step_2" / "trainer_state.json").exists() and (out / "step_4").exists()
     assert not list(out.glob("*.tmp"))
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
-    assert "eval_rewards/accuracies" in metrics[4] and "eval_loss" in metrics[4]
+    assert "eval_rewards/accuracies" in metrics[4] and "eval_loss" in metrics[4] and "eval_loss" in metrics[2]
+    # the last step's eval (--eval_every 2) is not run again at the end of training
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert sum("eval_loss" in row for row in lines) == 3, lines
 
 
 def test_accumulation_and_data_parallel_give_the_same_update(runs):
