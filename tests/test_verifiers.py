@@ -51,6 +51,13 @@ GSM8K_CASES = [
     ("The difference is 1,5 units", "5", 1.0),  # "1,5" is not a thousands number: last is 5
     ("Total: 2.5 hours", "2.50", 1.0),
     ("Total: 2.5 hours", "25", 0.0),
+    # the last `####` followed by a number: a trailing marker with nothing after it is skipped
+    ("She sells 16 - 3 - 4 = 9 eggs, 9 * 2 = 18... #### 16####", "16", 1.0),
+    ("#### 16\n####", "16", 1.0),
+    ("#### 16 #### #####", "16", 1.0),
+    ("#### 12 then #### 16####", "16", 1.0),
+    ("So the answer is 16.\n####", "16", 1.0),
+    ("#### 16####", "#### 16####", 1.0),
 ]
 
 
