@@ -477,6 +477,9 @@ ADVERSARIAL = {
     "dollars": "$" * N,
     "final_answer_dollars": "The final answer is " + "$" * N,
     "text_groups": "\\boxed{" + "\\text{a}" * 5000 + "}",
+    "inequalities": "\\boxed{" + "x\\le" * (N // 4) + "}",
+    "mixed_numbers": "\\boxed{" + "1\\frac{1}{2}" * (N // 12) + "}",
+    "plus_minus": "\\boxed{" + "1\\pm" * (N // 4) + "}",
 }
 ADVERSARIAL_TRUTHS = {
     "gsm8k": ["18", "#### 1,000"],
