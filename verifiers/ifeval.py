@@ -15,51 +15,111 @@ each format is checked the way its own grader checks it:
   the name of one of open-instruct's verification functions (`open_instruct/if_functions.py`) and
   its arguments, unused ones null: `{"func_name": "verify_keyword_frequency", "word": "sun", "N": 3,
   ...}`. Checked as those functions check it; their current version is followed, which fixed a few
-  bugs of the late-2024 one (see the last column).
+  bugs of the late-2024 one that Tulu 3 trained with (marked "late 2024" below).
 
 The score is the fraction of constraints followed. The response is the completion after its
 <think> section (stripped of surrounding whitespace for open-instruct's functions, as open-instruct
 strips it); a blank response follows nothing, as in IFEval's checker (open-instruct's functions
 would pass a blank response on e.g. no-commas or all-lowercase, a reward for saying nothing).
 
-Where the two graders differ for the same constraint (IFEval id / open-instruct function):
+Where the two graders differ for the same constraint (IFEval id / open-instruct function, then
+IFEval's rule and open-instruct's rule):
 
-| constraint | IFEval (strict) | open-instruct |
-|---|---|---|
-| keywords:existence / verify_keywords | each keyword is a case-insensitive regex search | case-insensitive substring |
-| keywords:frequency / verify_keyword_frequency | case-insensitive regex matches ("sneakers" counts for "sneaker"), `less than` / `at least` N | whole words equal to the lowercased word, exactly N |
-| keywords:forbidden_words / validate_forbidden_words | `\\b word \\b` case-insensitive regex | case-insensitive substring ("made" contains "mad") |
-| keywords:letter_frequency / verify_letter_frequency | case-insensitive count of a letter a-z, `less than` / `at least` | case-sensitive count of any one character, exactly N |
-| language:response_language / validate_response_language | langdetect's code; text with no letters counts as followed | langdetect's code; no letters: open-instruct raises, here not followed |
-| length_constraints:number_sentences / verify_sentence_constraint | Punkt sentences, `less than` / `at least` | pieces split at whitespace after `.` `?` `!` (not after `e.g.`-like or `Mr.`-like tokens), `at least` / `around` (within 1) / `at most` |
-| length_constraints:number_words / validate_word_constraint | runs of `\\w`, `less than` / `at least` | whitespace-separated, `at least` / `around` (within max(1, 10%)) / `at most` |
-| length_constraints:number_paragraphs / verify_paragraph_count | split at `***` (one optional space each side); blank first/last part ignored, a blank inner one fails | lines stripped, split at `* * *`; any blank part fails |
-| length_constraints:nth_paragraph_first_word / validate_paragraphs | split at `\\n\\n`, blank parts not counted; first word up to punctuation, case-insensitive | split at `\\n\\n`, every part counted; the nth starts with the word (prefix, case-sensitive) |
-| detectable_content:number_placeholders / validate_placeholders | at least N `[...]` on one line | same |
-| detectable_content:postscript / verify_postscript | "p.s." / "p.p.s" (optional spaces) or the marker as a regex, anywhere, case-insensitive | the marker occurs (case-sensitive) with text after it |
-| detectable_format:number_bullet_lists / verify_bullet_points | lines `* x` (not `**`) or `- x`, exactly N | stripped lines starting with `*` or `-` (also `**bold**`), exactly N |
-| detectable_format:constrained_response / validate_choice | contains "My answer is yes." / "... no." / "... maybe." | contains one of the given options (late 2024: the response had to be inside an option) |
-| detectable_format:number_highlighted_sections / validate_highlighted_sections | non-blank `*x*` and `**x**` spans, at least N | `*...*` spans, blank ones too (`**bold**` is two), at least N |
-| detectable_format:multiple_sections / validate_sections | `<splitter> <number>` as a case-sensitive regex, at least N | the same, literal and case-insensitive (late 2024: split at the splitter, exactly N) |
-| detectable_format:json_format / validate_json_format | JSON after removing a ``` / ```json fence | the whole response is JSON |
-| detectable_format:title / validate_title | a non-blank `<<title>>` on one line | any `<<...>>` on one line, blank too |
-| combination:two_responses / validate_two_responses | exactly two non-blank parts around `******`, different | exactly one `******`, the parts differ |
-| combination:repeat_prompt / validate_repeat_prompt | starts with the prompt, case-insensitive, spaces stripped | starts with the prompt, exactly |
-| startend:end_checker / validate_end | ends with the phrase, case-insensitive, spaces and `"` stripped | ends with the phrase, exactly |
-| startend:quotation / validate_quotation | at least two characters, `"` first and last | `"` first and last (a lone `"` passes) |
-| change_case:capital_word_frequency / validate_frequency_capital_words | all-capital NLTK word tokens (`DON'T` is two), `less than` / `at least` | runs of A-Z between word boundaries, `at least` / `around` (within max(1, 10%); late 2024: exactly) / `at most` |
-| change_case:english_capital / validate_uppercase | `isupper()` and langdetect says English (no letters: followed) | equals its upper-case form (any language, no letters passes) |
-| change_case:english_lowercase / validate_lowercase | `islower()` and langdetect says English (no letters: followed) | equals its lower-case form |
-| punctuation:no_comma / validate_no_commas | no `,` | same |
+keywords:existence / verify_keywords
+    IFEval: each keyword is a case-insensitive regex search
+    open-instruct: case-insensitive substring
+keywords:frequency / verify_keyword_frequency
+    IFEval: case-insensitive regex matches ("sneakers" counts for "sneaker"), `less than` /
+        `at least` N
+    open-instruct: whole words equal to the lowercased word, exactly N
+keywords:forbidden_words / validate_forbidden_words
+    IFEval: `\\b word \\b` case-insensitive regex
+    open-instruct: case-insensitive substring ("made" contains "mad")
+keywords:letter_frequency / verify_letter_frequency
+    IFEval: case-insensitive count of a letter a-z, `less than` / `at least`
+    open-instruct: case-sensitive count of any one character, exactly N
+language:response_language / validate_response_language
+    IFEval: langdetect's code; text with no letters counts as followed
+    open-instruct: langdetect's code; no letters: open-instruct raises, here not followed
+length_constraints:number_sentences / verify_sentence_constraint
+    IFEval: Punkt sentences, `less than` / `at least`
+    open-instruct: pieces split at whitespace after `.` `?` `!` (not after `e.g.`-like or
+        `Mr.`-like tokens), `at least` / `around` (within 1) / `at most`
+length_constraints:number_words / validate_word_constraint
+    IFEval: runs of `\\w`, `less than` / `at least`
+    open-instruct: whitespace-separated, `at least` / `around` (within max(1, 10%)) / `at most`
+length_constraints:number_paragraphs / verify_paragraph_count
+    IFEval: split at `***` (one optional space each side); blank first/last part ignored, a blank
+        inner one fails
+    open-instruct: lines stripped, split at `* * *`; any blank part fails
+length_constraints:nth_paragraph_first_word / validate_paragraphs
+    IFEval: split at `\\n\\n`, blank parts not counted; first word up to punctuation,
+        case-insensitive
+    open-instruct: split at `\\n\\n`, every part counted; the nth starts with the word (prefix,
+        case-sensitive)
+detectable_content:number_placeholders / validate_placeholders
+    IFEval: at least N `[...]` on one line
+    open-instruct: same
+detectable_content:postscript / verify_postscript
+    IFEval: "p.s." / "p.p.s" (optional spaces) or the marker as a regex, anywhere,
+        case-insensitive
+    open-instruct: the marker occurs (case-sensitive) with text after it
+detectable_format:number_bullet_lists / verify_bullet_points
+    IFEval: lines `* x` (not `**`) or `- x`, exactly N
+    open-instruct: stripped lines starting with `*` or `-` (also `**bold**`), exactly N
+detectable_format:constrained_response / validate_choice
+    IFEval: contains "My answer is yes." / "... no." / "... maybe."
+    open-instruct: contains one of the given options (late 2024: the response had to be inside an
+        option)
+detectable_format:number_highlighted_sections / validate_highlighted_sections
+    IFEval: non-blank `*x*` and `**x**` spans, at least N
+    open-instruct: `*...*` spans, blank ones too (`**bold**` is two), at least N
+detectable_format:multiple_sections / validate_sections
+    IFEval: `<splitter> <number>` as a case-sensitive regex, at least N
+    open-instruct: the same, literal and case-insensitive (late 2024: split at the splitter,
+        exactly N)
+detectable_format:json_format / validate_json_format
+    IFEval: JSON after removing a ``` / ```json fence
+    open-instruct: the whole response is JSON
+detectable_format:title / validate_title
+    IFEval: a non-blank `<<title>>` on one line
+    open-instruct: any `<<...>>` on one line, blank too
+combination:two_responses / validate_two_responses
+    IFEval: exactly two non-blank parts around `******`, different
+    open-instruct: exactly one `******`, the parts differ
+combination:repeat_prompt / validate_repeat_prompt
+    IFEval: starts with the prompt, case-insensitive, spaces stripped
+    open-instruct: starts with the prompt, exactly
+startend:end_checker / validate_end
+    IFEval: ends with the phrase, case-insensitive, spaces and `"` stripped
+    open-instruct: ends with the phrase, exactly
+startend:quotation / validate_quotation
+    IFEval: at least two characters, `"` first and last
+    open-instruct: `"` first and last (a lone `"` passes)
+change_case:capital_word_frequency / validate_frequency_capital_words
+    IFEval: all-capital NLTK word tokens (`DON'T` is two), `less than` / `at least`
+    open-instruct: runs of A-Z between word boundaries, `at least` / `around` (within max(1, 10%);
+        late 2024: exactly) / `at most`
+change_case:english_capital / validate_uppercase
+    IFEval: `isupper()` and langdetect says English (or finds nothing to detect)
+    open-instruct: equals its upper-case form (any language; text without letters passes)
+change_case:english_lowercase / validate_lowercase
+    IFEval: `islower()` and langdetect says English (or finds nothing to detect)
+    open-instruct: equals its lower-case form
+punctuation:no_comma / validate_no_commas
+    IFEval: no `,`
+    open-instruct: same
 
 Differences from the graders themselves, all on input they mishandle: the official checker draws a
-random value for a missing or zero argument (here a missing argument is a ValueError naming it)
-and a random letter for a letter-frequency letter outside a-z (here that character is counted),
-crashes on a keyword that is not a valid regex (here it is matched literally) or on JSON nested
-too deeply to parse (here not JSON); open-instruct's validate_choice iterates the characters of an
-`options` string (here a string that spells a list is read as that list, any other string is one
-option). Late-2024 open-instruct also counted every response as having enough placeholders (its
-validate_placeholders returned a non-empty tuple) and split sentences only after `.` and `?`.
+random value for a missing or zero argument (here a missing argument is a ValueError naming it) and
+a random letter for a letter-frequency letter outside a-z (here that character is counted), crashes
+on a keyword that is not a valid regex (here it is matched literally) or on JSON nested too deeply
+to parse (here not JSON), and never matches a language code langdetect does not output (here a
+ValueError: `zh` is `zh-cn` or `zh-tw` to langdetect); open-instruct's validate_choice iterates the
+characters of an `options` string (here a string that spells a list is read as that list, any other
+string is one option). Late-2024 open-instruct also counted every response as having enough
+placeholders (its validate_placeholders returned a non-empty tuple) and split sentences only after
+`.` and `?`.
 
 Time: the patterns of both graders that can backtrack quadratically on adversarial text (bullets,
 placeholders, titles, postscripts, highlights) are computed here by linear scans with the same
