@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -343,6 +344,28 @@ def test_ifeval_loose_mode_drops_first_and_last_lines_and_stars():
     truth = ifeval_g(["startend:quotation"], [{}])
     assert instruction_results('**"quoted"**', truth) == [False]
     assert instruction_results('**"quoted"**', truth, loose=True) == [True]
+
+
+def test_linear_scans_equal_the_regexes_they_replace():
+    # The graders' patterns that backtrack quadratically are computed by scans; on a seeded soup
+    # of the characters that matter they must count exactly what the regexes count.
+    from verifiers import ifeval as module
+
+    rng = random.Random(0)
+    alphabet = ["*", "*", "-", " ", "\n", "\n", "\t", "[", "]", "<", "<", ">", ">", "a", "P", ".", "s", "\u2003"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        for opener, closer in (("[", "]"), ("<<", ">>"), ("*", "*")):
+            expected = len(re.findall(re.escape(opener) + ".*?" + re.escape(closer), text))
+            assert module.count_delimited(text, opener, closer) == expected, (text, opener)
+        assert module.count_line_markers(text, "*", star_bullet=True) == \
+            len(re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)), text
+        assert module.count_line_markers(text, "-", star_bullet=False) == \
+            len(re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)), text
+        titles = re.findall(r"<<[^\n]+>>", text)
+        assert module.ifeval_title(text) == any(t.lstrip("<").rstrip(">").strip() for t in titles), text
+        assert module.ifeval_postscript(text, "P.S.") == \
+            bool(re.findall(r"\s*p\.\s?s\..*$", text.lower(), flags=re.MULTILINE)), text
 
 
 def test_ifeval_bad_ground_truths_are_errors():

@@ -228,12 +228,13 @@ def count_line_markers(text: str, marker: str, star_bullet: bool) -> int:
     return count
 
 
-def _regex(pattern: str) -> re.Pattern:
+def _regex(pattern: str, whole_word: bool = False) -> re.Pattern:
     """A ground truth's keyword as IFEval uses it, a regex; one that does not compile is literal."""
+    wrap = r"\b{}\b".format if whole_word else str
     try:
-        return re.compile(pattern, re.IGNORECASE)
+        return re.compile(wrap(pattern), re.IGNORECASE)
     except re.error:
-        return re.compile(re.escape(pattern), re.IGNORECASE)
+        return re.compile(wrap(re.escape(pattern)), re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- IFEval's checker
@@ -255,7 +256,7 @@ def ifeval_keyword_frequency(text: str, keyword: str, frequency: int, relation: 
 
 
 def ifeval_forbidden_words(text: str, forbidden_words: list[str]) -> bool:
-    return not any(_regex(r"\b" + word + r"\b").search(text) for word in forbidden_words)
+    return not any(_regex(word, whole_word=True).search(text) for word in forbidden_words)
 
 
 def ifeval_letter_frequency(text: str, letter: str, let_frequency: int, let_relation: str) -> bool:
@@ -346,7 +347,7 @@ def ifeval_json(text: str) -> bool:
 
 
 def ifeval_title(text: str) -> bool:
-    """A non-blank `<<...>>` (the regex `<<[^\\n]+>>`, greedy: from the first `<<` of a line to its last `>>`)."""
+    """A non-blank match of `<<[^\\n]+>>`: greedy, from a line's first `<<` to its last `>>`."""
     for line in text.split("\n"):
         start, end = line.find("<<"), line.rfind(">>")
         if start >= 0 and end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
@@ -395,9 +396,6 @@ def ifeval_no_comma(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- open-instruct's functions
-
-_AROUND = {"at least", "around", "at most"}
-
 
 def _quantified(count: int, n: int, quantifier: str, around: int | None = None) -> bool:
     if quantifier == "at least":

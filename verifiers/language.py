@@ -1,15 +1,18 @@
 """Which language a response is written in: langdetect, the detector IFEval's official checker uses.
 
 `detect_language(text)` returns langdetect's ISO 639-1 code (`zh-cn`/`zh-tw` for Chinese), or None
-when langdetect finds nothing to detect (no letters). langdetect samples n-grams at random; the
-official checker leaves it unseeded, so the same text can get different answers on mixed or very
-short input. Here every detection uses seed 0 (the value langdetect's README recommends), so a
-reward never changes between runs; on prose of any length the seed makes no difference.
+when langdetect finds nothing to detect (no letters). langdetect samples n-grams at random and the
+official checker leaves it unseeded, so its answer on mixed-language or very short text changes
+from run to run: of the 900 language-checked responses of tests/ifeval_corpus.py, 30 (mostly
+mixing languages, a few single short lines) get different answers under seeds 0 to 4. Here every
+detection uses seed 0, as langdetect's README recommends, so a reward never changes between runs.
 
-A hand-written detector (writing system + stopwords) was used before: it named Hindi prose Nepali,
-found no language in Marathi, gave up on Korean with English words in parentheses and called short
-Italian lines English. langdetect gets all of these right, and agreeing with the grader that the
-IFEval paper reports matters more than anything a different detector could do better.
+This replaces a hand-written detector (writing system + stopwords) that agreed with the official
+checker on 74% of the response-language checks of real model responses and on 258 of the 300 of
+tests/ifeval_corpus.py (Hindi prose read as Nepali, no language found in Marathi, short Italian
+lines called English). None of it is kept: where it was
+arguably better (langdetect calls Korean prose with several English phrases in parentheses
+English), being better than the grader a paper reports is still disagreeing with it.
 """
 
 from langdetect import DetectorFactory, LangDetectException
