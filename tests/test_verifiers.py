@@ -346,6 +346,18 @@ def test_ifeval_loose_mode_drops_first_and_last_lines_and_stars():
     assert instruction_results('**"quoted"**', truth, loose=True) == [True]
 
 
+def test_ifeval_counts_sentences_and_capital_words_in_the_first_10000_characters():
+    # The one documented departure from the official checker, which would count all five NASAs.
+    from verifiers.ifeval import MAX_TOKENIZED_CHARS
+
+    truth = ifeval_g(["change_case:capital_word_frequency"], [{"capital_frequency": 3, "capital_relation": "at least"}])
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2 - 10) + "NASA " * 5, truth) == 1.0  # three fit in the window
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2) + "NASA " * 5, truth) == 0.0
+    truth = ifeval_g(["length_constraints:number_sentences"], [{"num_sentences": 2, "relation": "at least"}])
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2 - 10) + "One. Two. Three.", truth) == 1.0
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2) + "One. Two. Three.", truth) == 0.0
+
+
 def test_linear_scans_equal_the_regexes_they_replace():
     # The graders' patterns that backtrack quadratically are computed by scans; on a seeded soup
     # of the characters that matter they must count exactly what the regexes count.
@@ -500,6 +512,8 @@ ADVERSARIAL = {
     "dollars": "$" * N,
     "final_answer_dollars": "The final answer is " + "$" * N,
     "text_groups": "\\boxed{" + "\\text{a}" * 5000 + "}",
+    "short_sentences": "Ab. " * (N // 4),
+    "short_lines": "Ab CD.\n" * (N // 7),
     "inequalities": "\\boxed{" + "x\\le" * (N // 4) + "}",
     "mixed_numbers": "\\boxed{" + "1\\frac{1}{2}" * (N // 12) + "}",
     "plus_minus": "\\boxed{" + "1\\pm" * (N // 4) + "}",

@@ -15,9 +15,12 @@ arguably better (langdetect calls Korean prose with several English phrases in p
 English), being better than the grader a paper reports is still disagreeing with it.
 """
 
+import os
+
 from langdetect import DetectorFactory, LangDetectException
 from langdetect.detector_factory import PROFILES_DIRECTORY
 
+LANGUAGES = frozenset(os.listdir(PROFILES_DIRECTORY))  # the codes langdetect can return: one profile each
 SEED = 0
 _factory: DetectorFactory | None = None
 
