@@ -533,7 +533,7 @@ def validate_no_commas(text: str) -> bool:
 
 # ----------------------------------------------------------------------------- ground truth
 
-# name -> (check, its arguments after the response). Argument names are the data's own.
+# Each name maps to its check; the check's parameters after the response are the data's argument names.
 IFEVAL_CHECKS: dict[str, Callable[..., bool]] = {
     "keywords:existence": ifeval_keywords,
     "keywords:frequency": ifeval_keyword_frequency,
@@ -569,7 +569,6 @@ OPEN_INSTRUCT_CHECKS: dict[str, Callable[..., bool]] = {fn.__name__: fn for fn i
     validate_choice, validate_highlighted_sections, validate_sections, validate_json_format,
     validate_repeat_prompt, validate_two_responses, validate_uppercase, validate_lowercase,
     validate_frequency_capital_words, validate_end, validate_quotation, validate_no_commas]}
-
 
 
 @dataclasses.dataclass
@@ -689,7 +688,8 @@ def _loose_variants(response: str) -> list[str]:
 
 
 def instruction_results(completion: str, ground_truth: str, loose: bool = False) -> list[bool]:
-    """Whether the response follows each constraint of the ground truth, in order (strict or loose)."""
+    """Whether the response follows each constraint of the ground truth, in order: strict, or with
+    `loose` IFEval's loose mode (any of its eight variants of the response follows), either format."""
     response = strip_think(completion)
     variants = list(dict.fromkeys(_loose_variants(response))) if loose else [response]  # distinct ones
     return [any(c.followed(variant) for variant in variants) for c in parse_ground_truth(ground_truth)]
