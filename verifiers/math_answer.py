@@ -83,7 +83,7 @@ _RENAMED = [(r"\dfrac", r"\frac"), (r"\tfrac", r"\frac"), (r"\lbrace", r"\{"), (
             ("bmatrix", "pmatrix"), (r"\varnothing", r"\emptyset"), ("{,}", ","), (r"\dbinom", r"\binom"),
             (r"\tbinom", r"\binom"), (r"\leq", r"\le"), (r"\geq", r"\ge")]
 _CONTROL_SPACE = re.compile(r"(?<!\\)\\ ")  # `\ ` is a space; `\\ ` ends a matrix row
-_AND = re.compile(r"\\text\{\s*and\s*\}|\\quad\b|\\qquad\b")  # "2 \text{ and } 3" lists two answers
+_AND = re.compile(r"\\text\{\s*and\s*\}")  # "2 \text{ and } 3" lists two answers
 # an integer right before a numeric fraction is a mixed number: 2\frac{1}{4} = 9/4
 _MIXED_NUMBER = re.compile(r"(?<![\d.^_}])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
 _TEXT_GROUP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf|textit|operatorname)\s*\{([^{}]*)\}")
