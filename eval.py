@@ -4,8 +4,10 @@ the verifiers.
 Each row has `messages` (the prompt conversation), `ground_truth` and `dataset` (the verifier's
 name), the RL format of DESIGN.md. Greedy decoding by default gives pass@1 accuracy; with
 --temperature > 0 and --num_samples n, it reports the mean score over samples and the unbiased
-pass@k of Chen et al. 2021 for each k <= n. Prints accuracy per verifier and writes every
-prompt, completion and score to a jsonl file.
+pass@k of Chen et al. 2021 for each k <= n. Prints accuracy per verifier (GSM8K and MATH accuracy
+as their papers report it) and, for IFEval rows, IFEval's four numbers: prompt-level and
+instruction-level accuracy, strict and loose. Writes every prompt, completion and score to a jsonl
+file.
 
     python eval.py --model runs/sft/final                       # the demo's test split
     torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
@@ -25,6 +27,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import verifiers
+from verifiers.ifeval import instruction_results
 
 
 @dataclass
@@ -137,10 +140,7 @@ def evaluate(args):
                    for r in batch]
         for i, row, prompt, completions in zip(mine[start:], batch, prompts,
                                                generate(model, tokenizer, prompts, args, stop_ids, device)):
-            verify = verifiers.get(row["dataset"])
-            records.append({"index": i, "prompt": prompt, "completions": completions,
-                            "scores": [verify(c, row["ground_truth"]) for c in completions],
-                            "ground_truth": row["ground_truth"], "dataset": row["dataset"]})
+            records.append(score(i, row, prompt, completions))
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -148,8 +148,36 @@ def evaluate(args):
     return summarize(records, args.num_samples), records
 
 
+def score(index, row, prompt, completions):
+    """The record of one row: its completions' scores and, for IFEval rows, each instruction's
+    outcome in IFEval's strict and loose modes."""
+    verify = verifiers.get(row["dataset"])
+    record = {"index": index, "prompt": prompt, "completions": completions,
+              "scores": [verify(c, row["ground_truth"]) for c in completions],
+              "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
+    if row["dataset"].lower() == "ifeval":
+        record["followed"] = [{mode: instruction_results(c, row["ground_truth"], loose=mode == "loose")
+                               for mode in ("strict", "loose")} for c in completions]
+    return record
+
+
+def ifeval_accuracies(records):
+    """IFEval's four numbers (Zhou et al. 2023), over every completion of the IFEval rows:
+    prompt-level (all instructions followed) and instruction-level accuracy, strict and loose."""
+    followed = [f for r in records for f in r.get("followed", [])]
+    if not followed:
+        return {}
+    summary = {}
+    for mode in ("strict", "loose"):
+        summary[f"ifeval/prompt_level_{mode}_acc"] = sum(all(f[mode]) for f in followed) / len(followed)
+        instructions = sum(len(f[mode]) for f in followed)
+        summary[f"ifeval/inst_level_{mode}_acc"] = sum(sum(f[mode]) for f in followed) / instructions
+    return summary
+
+
 def summarize(records, num_samples):
-    """Mean score (pass@1) overall and per verifier, and pass@k for k in 1, 2, 4, ... <= n."""
+    """Mean score (pass@1) overall and per verifier, IFEval's prompt- and instruction-level
+    accuracies, and pass@k for k in 1, 2, 4, ... <= n."""
     by_verifier = defaultdict(list)
     for r in records:
         by_verifier[r["dataset"].lower()].append(r)
@@ -157,6 +185,7 @@ def summarize(records, num_samples):
                "num_rows": len(records)}
     for name, group in sorted(by_verifier.items()):
         summary[f"accuracy/{name}"] = sum(sum(r["scores"]) / num_samples for r in group) / len(group)
+    summary.update(ifeval_accuracies(records))
     k = 2
     while k <= num_samples:
         summary[f"pass@{k}"] = sum(pass_at_k(num_samples, sum(s == 1.0 for s in r["scores"]), k)
@@ -175,7 +204,7 @@ def main(args):
             for r in records:
                 f.write(json.dumps(r) + "\n")
         for key, value in summary.items():
-            print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
+            print(f"{key:>30}: {value:.4f}" if isinstance(value, float) else f"{key:>30}: {value}")
         print(json.dumps(summary))
         print(f"wrote {output}")
     if dist.is_initialized():

@@ -1,5 +1,5 @@
-"""eval.py: pass@k against brute-force enumeration, scoring through the verifiers, data-parallel
-evaluation equal to a single process, and bad rows."""
+"""eval.py: pass@k against brute-force enumeration, scoring through the verifiers, IFEval's four
+accuracies, data-parallel evaluation equal to a single process, and bad rows."""
 
 import itertools
 import json
@@ -33,6 +33,22 @@ def test_summary_scores_per_verifier():
     assert summary["pass@2"] == pytest.approx(2 / 3)
 
 
+def test_ifeval_accuracies_are_prompt_and_instruction_level_strict_and_loose():
+    records = [{"dataset": "ifeval", "scores": [0.5, 1.0],
+                "followed": [{"strict": [True, False], "loose": [True, True]},
+                             {"strict": [True, True], "loose": [True, True]}]},
+               {"dataset": "IFEval", "scores": [0.0, 0.0],
+                "followed": [{"strict": [False], "loose": [True]}, {"strict": [False], "loose": [False]}]},
+               {"dataset": "gsm8k", "scores": [1.0, 1.0]}]
+    summary = evaluation.summarize(records, 2)
+    assert summary["ifeval/prompt_level_strict_acc"] == pytest.approx(1 / 4)  # only the 2nd completion
+    assert summary["ifeval/inst_level_strict_acc"] == pytest.approx(3 / 6)
+    assert summary["ifeval/prompt_level_loose_acc"] == pytest.approx(3 / 4)
+    assert summary["ifeval/inst_level_loose_acc"] == pytest.approx(5 / 6)
+    assert summary["accuracy/ifeval"] == pytest.approx((0.75 + 0.0) / 2) and summary["accuracy/gsm8k"] == 1.0
+    assert not any(key.startswith("ifeval/") for key in evaluation.summarize(records[2:], 2))
+
+
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("random_model")
@@ -61,6 +77,27 @@ def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_p
 
 def last_json(stdout):
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_ifeval_rows_report_strict_and_loose_from_their_completions(random_checkpoint, tmp_path):
+    constraints = [("punctuation:no_comma", {}), ("change_case:english_lowercase", {}), ("startend:quotation", {}),
+                   ("length_constraints:number_words", {"num_words": 3, "relation": "at least"})]
+    rows = [{"messages": [{"role": "user", "content": f"Say something {i}."}], "dataset": "ifeval",
+             "ground_truth": json.dumps({"instruction_id": [c[0] for c in constraints[i % 4:]],
+                                         "kwargs": [c[1] for c in constraints[i % 4:]]})} for i in range(6)]
+    rows.append({"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"})
+    proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", write_jsonl(tmp_path / "if.jsonl", rows),
+                      "--max_new_tokens", 12, "--output", tmp_path / "out.jsonl")
+    summary = last_json(proc.stdout)
+    records = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    strict = [evaluation.instruction_results(r["completions"][0], r["ground_truth"]) for r in records[:6]]
+    loose = [evaluation.instruction_results(r["completions"][0], r["ground_truth"], loose=True) for r in records[:6]]
+    assert [r["followed"][0] for r in records[:6]] == [{"strict": s, "loose": lo} for s, lo in zip(strict, loose)]
+    assert summary["ifeval/prompt_level_strict_acc"] == pytest.approx(sum(map(all, strict)) / 6)
+    assert summary["ifeval/inst_level_strict_acc"] == pytest.approx(sum(map(sum, strict)) / sum(map(len, strict)))
+    assert summary["ifeval/prompt_level_loose_acc"] == pytest.approx(sum(map(all, loose)) / 6)
+    assert summary["ifeval/inst_level_loose_acc"] == pytest.approx(sum(map(sum, loose)) / sum(map(len, loose)))
+    assert "followed" not in records[6] and "accuracy/gsm8k" in summary
 
 
 def test_bad_rows_are_rejected_with_their_index(random_checkpoint, tmp_path):

@@ -2,12 +2,14 @@
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 import verifiers
+from verifiers.ifeval import instruction_results
 
 ROOT = Path(__file__).resolve().parents[1]
 gsm8k, math_answer, ifeval, think_format = (verifiers.get(n) for n in ("gsm8k", "math", "ifeval", "format"))
@@ -50,6 +52,13 @@ GSM8K_CASES = [
     ("The difference is 1,5 units", "5", 1.0),  # "1,5" is not a thousands number: last is 5
     ("Total: 2.5 hours", "2.50", 1.0),
     ("Total: 2.5 hours", "25", 0.0),
+    # the last `####` followed by a number: a trailing marker with nothing after it is skipped
+    ("She sells 16 - 3 - 4 = 9 eggs, 9 * 2 = 18... #### 16####", "16", 1.0),
+    ("#### 16\n####", "16", 1.0),
+    ("#### 16 #### #####", "16", 1.0),
+    ("#### 12 then #### 16####", "16", 1.0),
+    ("So the answer is 16.\n####", "16", 1.0),
+    ("#### 16####", "#### 16####", 1.0),
 ]
 
 
@@ -172,7 +181,7 @@ IFEVAL_CASES = [
     ("Sunny sun.", rlvr("verify_keyword_frequency", word="sun", N=2), 0.0),
     ("A calm reply.", rlvr("validate_forbidden_words", forbidden_words=["angry", "mad"]), 1.0),
     ("I am MAD.", rlvr("validate_forbidden_words", forbidden_words=["angry", "mad"]), 0.0),
-    ("Made it.", rlvr("validate_forbidden_words", forbidden_words=["mad"]), 1.0),
+    ("Made it.", rlvr("validate_forbidden_words", forbidden_words=["mad"]), 0.0),  # a substring counts
     ("banana", rlvr("verify_letter_frequency", letter="a", N=3), 1.0),
     ("The cat sat on the mat and it was a very happy cat.", rlvr("validate_response_language", language="en"), 1.0),
     ("El gato está en la casa y no quiere salir.", rlvr("validate_response_language", language="en"), 0.0),
@@ -184,8 +193,9 @@ IFEVAL_CASES = [
     ("one two three", rlvr("validate_word_constraint", N=5, quantifier="at most"), 1.0),
     ("First. Second! Third?", rlvr("verify_sentence_constraint", N=3, quantifier="at least"), 1.0),
     ("First. Second.", rlvr("verify_sentence_constraint", N=3, quantifier="at least"), 0.0),
-    (POEM, rlvr("validate_paragraphs", N=3, i=2, first_word="violets"), 1.0),
-    (POEM, rlvr("validate_paragraphs", N=3, i=2, first_word="roses"), 0.0),
+    (POEM, rlvr("validate_paragraphs", N=3, i=2, first_word="Violets"), 1.0),
+    (POEM, rlvr("validate_paragraphs", N=3, i=2, first_word="violets"), 0.0),  # case-sensitive prefix
+    (POEM, rlvr("validate_paragraphs", N=3, i=2, first_word="Roses"), 0.0),
     ("Hello.\n\nP.S. See you soon.", rlvr("verify_postscript", postscript_marker="P.S."), 1.0),
     ("Hello. See you soon.", rlvr("verify_postscript", postscript_marker="P.S."), 0.0),
     ("Dear [name], meet me at [address].", rlvr("validate_placeholders", N=2), 1.0),
@@ -200,7 +210,7 @@ IFEVAL_CASES = [
     ("Section 1\nIntro.\nSection 2\nBody.", rlvr("validate_sections", N=2, section_splitter="Section"), 1.0),
     ("Section 1\nIntro.", rlvr("validate_sections", N=2, section_splitter="Section"), 0.0),
     ('{"a": 1, "b": [2, 3]}', rlvr("validate_json_format"), 1.0),
-    ('```json\n{"a": 1}\n```', rlvr("validate_json_format"), 1.0),
+    ('```json\n{"a": 1}\n```', rlvr("validate_json_format"), 0.0),  # no fence allowed
     ("Sure! {\"a\": 1}", rlvr("validate_json_format"), 0.0),
     ("Write a poem. Here it is: roses.", rlvr("validate_repeat_prompt", original_prompt="Write a poem."), 1.0),
     ("Here it is: roses.", rlvr("validate_repeat_prompt", original_prompt="Write a poem."), 0.0),
@@ -253,13 +263,140 @@ def test_ifeval(completion, truth, expected):
     assert ifeval(completion, truth) == expected
 
 
+HINDI = "मैं आपके खानपान की गुणवत्ता के बारे में एक छोटी समीक्षा लिख रहा हूं। भोजन स्वादिष्ट था और सेवा बहुत तेज़ थी।"
+# IFEval instruction ids score as IFEval's official checker does (these outcomes are its own; the
+# reference tests in test_ifeval_reference.py compare on thousands more).
+IFEVAL_FORMAT_CASES = [
+    (HINDI, "language:response_language", {"language": "hi"}, 1.0),
+    (HINDI, "language:response_language", {"language": "ne"}, 0.0),
+    ("आज सकाळी मी बाजारात गेलो होतो आणि तिथे खूप गर्दी होती. भाज्यांचे भाव वाढले आहेत.",
+     "language:response_language", {"language": "mr"}, 1.0),
+    ("Oggi piove molto.", "language:response_language", {"language": "it"}, 1.0),
+    ("인공지능(AI)은 현대 사회에서 중요한 역할을 하고 있습니다. 특히 자연어 처리(NLP) 기술은 번역과 요약에 널리 사용됩니다.",
+     "language:response_language", {"language": "ko"}, 1.0),
+    ("12345 !!!", "language:response_language", {"language": "en"}, 1.0),  # nothing to detect: followed
+    ("Sneakers are comfy; this sneaker is red.", "keywords:frequency",
+     {"keyword": "sneaker", "frequency": 2, "relation": "at least"}, 1.0),  # regex matches, not words
+    ("Dr. Smith arrived at 3 p.m. He left at 5.", "length_constraints:number_sentences",
+     {"num_sentences": 2, "relation": "less than"}, 0.0),
+    ("Wow!!! Is it true? Yes. 1. First item", "length_constraints:number_sentences",
+     {"num_sentences": 3, "relation": "at least"}, 1.0),
+    ("HOLA MUNDO, ¿CÓMO ESTÁS? ESPERO QUE MUY BIEN.", "change_case:english_capital", {}, 0.0),
+    ("HELLO WORLD, THIS IS A TEST OF THE CAPITALS CHECK.", "change_case:english_capital", {}, 1.0),
+    ("hola mundo, ¿cómo estás? espero que muy bien.", "change_case:english_lowercase", {}, 0.0),
+    ("hello world, this is a test of the lowercase check.", "change_case:english_lowercase", {}, 1.0),
+    ("DON'T do it, NASA said.", "change_case:capital_word_frequency",
+     {"capital_frequency": 3, "capital_relation": "at least"}, 1.0),  # DO, N'T, NASA
+    ("Thanks for the help.s. Bye", "detectable_content:postscript", {"postscript_marker": "P.S."}, 1.0),
+    ("* one\n**bold**\n---", "detectable_format:number_bullet_lists", {"num_bullets": 2}, 1.0),
+]
+
+
+@pytest.mark.parametrize("response, instruction_id, kwargs, expected", IFEVAL_FORMAT_CASES)
+def test_ifeval_instruction_ids_follow_the_official_checker(response, instruction_id, kwargs, expected):
+    assert ifeval(response, json.dumps({"instruction_id": [instruction_id], "kwargs": [kwargs]})) == expected
+
+
+# open-instruct's functions, as open_instruct/if_functions.py defines them (no copy of it is on
+# PyPI): each case states what its code computes, often unlike IFEval's checker for the same text.
+OPEN_INSTRUCT_CASES = [
+    ("Sneakers are comfy; this sneaker is red.", rlvr("verify_keyword_frequency", word="sneaker", N=1), 1.0),
+    ("Sneakers are comfy; this sneaker is red.", rlvr("verify_keyword_frequency", word="sneaker", N=2), 0.0),
+    ("Price: #5, #6 and #7", rlvr("verify_letter_frequency", letter="#", N=3), 1.0),
+    ("Aa", rlvr("verify_letter_frequency", letter="a", N=2), 0.0),  # case-sensitive
+    ("HOLA MUNDO, ¿CÓMO ESTÁS?", rlvr("validate_uppercase"), 1.0),  # any language
+    ("Dr. Smith arrived at 3 p.m. He left at 5.", rlvr("verify_sentence_constraint", N=2, quantifier="at most"), 1.0),
+    ("One! Two? Three. Four", rlvr("verify_sentence_constraint", N=4, quantifier="at least"), 1.0),
+    ("a b c d e f g h i j k", rlvr("validate_word_constraint", N=10, quantifier="around"), 1.0),  # within 1
+    ("a b c d e f g h i j k l m", rlvr("validate_word_constraint", N=10, quantifier="around"), 0.0),
+    ("One TWO THREE", rlvr("validate_frequency_capital_words", N=3, quantifier="around"), 1.0),
+    ("* one\n**bold**\n---", rlvr("verify_bullet_points", N=3), 1.0),
+    ("A **bold** word", rlvr("validate_highlighted_sections", N=2), 1.0),  # "**" and "**" are spans
+    ("<<>>", rlvr("validate_title"), 1.0),
+    ('"', rlvr("validate_quotation"), 1.0),
+    ("I pick Option B.", rlvr("validate_choice", options=["Option A", "Option B"]), 1.0),
+    ("I pick option b.", rlvr("validate_choice", options="('Option A', 'Option B')"), 0.0),
+    ("SECTION 1 a\nsection 2 b", rlvr("validate_sections", N=2, section_splitter="Section"), 1.0),
+    ("Thanks.\nP.S. later", rlvr("verify_postscript", postscript_marker="P.S."), 1.0),
+    ("Thanks.\np.s. later", rlvr("verify_postscript", postscript_marker="P.S."), 0.0),
+    ("Write a poem. Roses.", rlvr("validate_repeat_prompt", original_prompt="write a poem."), 0.0),
+    ("Any other questions?", rlvr("validate_end", end_phrase="any other questions?"), 0.0),
+    ("  a\n  * * *  \n  b  ", rlvr("verify_paragraph_count", N=2), 1.0),
+    ("a\n***\nb", rlvr("verify_paragraph_count", N=2), 0.0),
+    ("a\n\n\n\nb", rlvr("validate_paragraphs", N=3, i=1, first_word="a"), 1.0),  # an empty middle part counts
+    ("\n\n  ", rlvr("validate_no_commas"), 0.0),  # blank: nothing is followed (open-instruct would pass it)
+]
+
+
+@pytest.mark.parametrize("completion, truth, expected", OPEN_INSTRUCT_CASES)
+def test_ifeval_func_names_follow_open_instruct(completion, truth, expected):
+    assert ifeval(completion, truth) == expected
+
+
+def test_ifeval_loose_mode_drops_first_and_last_lines_and_stars():
+    truth = ifeval_g(["startend:end_checker", "detectable_format:title"], [{"end_phrase": "Bye."}, {}])
+    response = "Sure, here it is:\n<<Reef>>\nThe reef is large. Bye.\nLet me know if you need more."
+    assert instruction_results(response, truth) == [False, True]
+    assert instruction_results(response, truth, loose=True) == [True, True]
+    truth = ifeval_g(["detectable_format:json_format"], [{}])
+    assert instruction_results('Here:\n{"a": 1}', truth) == [False]
+    assert instruction_results('Here:\n{"a": 1}', truth, loose=True) == [True]
+    truth = ifeval_g(["startend:quotation"], [{}])
+    assert instruction_results('**"quoted"**', truth) == [False]
+    assert instruction_results('**"quoted"**', truth, loose=True) == [True]
+
+
+def test_ifeval_counts_sentences_and_capital_words_in_the_first_10000_characters():
+    # The one documented departure from the official checker, which would count all five NASAs.
+    from verifiers.ifeval import MAX_TOKENIZED_CHARS
+
+    truth = ifeval_g(["change_case:capital_word_frequency"], [{"capital_frequency": 3, "capital_relation": "at least"}])
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2 - 10) + "NASA " * 5, truth) == 1.0  # three fit in the window
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2) + "NASA " * 5, truth) == 0.0
+    truth = ifeval_g(["length_constraints:number_sentences"], [{"num_sentences": 2, "relation": "at least"}])
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2 - 10) + "One. Two. Three.", truth) == 1.0
+    assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2) + "One. Two. Three.", truth) == 0.0
+
+
+def test_linear_scans_equal_the_regexes_they_replace():
+    # The graders' patterns that backtrack quadratically are computed by scans; on a seeded soup
+    # of the characters that matter they must count exactly what the regexes count.
+    from verifiers import ifeval as module
+
+    rng = random.Random(0)
+    alphabet = ["*", "*", "-", " ", "\n", "\n", "\t", "[", "]", "<", "<", ">", ">", "a", "P", ".", "s", "\u2003"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        for opener, closer in (("[", "]"), ("<<", ">>"), ("*", "*")):
+            expected = len(re.findall(re.escape(opener) + ".*?" + re.escape(closer), text))
+            assert module.count_delimited(text, opener, closer) == expected, (text, opener)
+        assert module.count_line_markers(text, "*", star_bullet=True) == \
+            len(re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)), text
+        assert module.count_line_markers(text, "-", star_bullet=False) == \
+            len(re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)), text
+        titles = re.findall(r"<<[^\n]+>>", text)
+        assert module.ifeval_title(text) == any(t.lstrip("<").rstrip(">").strip() for t in titles), text
+        assert module.ifeval_postscript(text, "P.S.") == \
+            bool(re.findall(r"\s*p\.\s?s\..*$", text.lower(), flags=re.MULTILINE)), text
+
+
 def test_ifeval_bad_ground_truths_are_errors():
-    with pytest.raises(ValueError, match="unknown ifeval constraint"):
+    with pytest.raises(ValueError, match="unknown ifeval function 'validate_nothing'"):
         ifeval("x", rlvr("validate_nothing"))
+    with pytest.raises(ValueError, match="unknown ifeval instruction id 'keywords:nothing'"):
+        ifeval("x", ifeval_g(["keywords:nothing"], [{}]))
     with pytest.raises(ValueError, match="unexpected argument"):
         ifeval("x", ifeval_g(["punctuation:no_comma"], [{"num_words": 3}]))
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match=r"needs argument\(s\) \['relation'\]"):
+        ifeval("x", ifeval_g(["length_constraints:number_words"], [{"num_words": 3}]))
+    with pytest.raises(ValueError, match="relation of .* must be one of"):
+        ifeval("x", ifeval_g(["length_constraints:number_words"], [{"num_words": 3, "relation": "around"}]))
+    with pytest.raises(ValueError, match="needs argument"):
+        ifeval("x", rlvr("verify_keyword_frequency", word="sun"))
+    with pytest.raises(ValueError, match="not one langdetect detects"):
         ifeval("x", ifeval_g(["language:response_language"], [{"language": "xx"}]))
+    with pytest.raises(ValueError, match="one character"):
+        ifeval("x", rlvr("verify_letter_frequency", letter="ab", N=1))
 
 
 # ----------------------------------------------------------------------------- format
@@ -375,6 +512,11 @@ ADVERSARIAL = {
     "dollars": "$" * N,
     "final_answer_dollars": "The final answer is " + "$" * N,
     "text_groups": "\\boxed{" + "\\text{a}" * 5000 + "}",
+    "short_sentences": "Ab. " * (N // 4),
+    "short_lines": "Ab CD.\n" * (N // 7),
+    "inequalities": "\\boxed{" + "x\\le" * (N // 4) + "}",
+    "mixed_numbers": "\\boxed{" + "1\\frac{1}{2}" * (N // 12) + "}",
+    "plus_minus": "\\boxed{" + "1\\pm" * (N // 4) + "}",
 }
 ADVERSARIAL_TRUTHS = {
     "gsm8k": ["18", "#### 1,000"],
@@ -388,13 +530,39 @@ ADVERSARIAL_TRUTHS = {
         ("verify_bullet_points", {"N": 3}), ("validate_sections", {"N": 2, "section_splitter": "Section"}),
         ("verify_keyword_frequency", {"word": "a", "N": 3}), ("validate_quotation", {}),
         ("validate_frequency_capital_words", {"N": 3, "quantifier": "at least"}),
-        ("validate_paragraphs", {"N": 2, "i": 1, "first_word": "a"}), ("validate_end", {"end_phrase": "a"})]],
+        ("validate_paragraphs", {"N": 2, "i": 1, "first_word": "a"}), ("validate_end", {"end_phrase": "a"})]] + [
+        ifeval_g([instruction_id], [kwargs]) for instruction_id, kwargs in [
+            ("keywords:existence", {"keywords": ["a", "reef"]}),
+            ("keywords:frequency", {"keyword": "a", "frequency": 3, "relation": "at least"}),
+            ("keywords:forbidden_words", {"forbidden_words": ["a"]}),
+            ("keywords:letter_frequency", {"letter": "a", "let_frequency": 3, "let_relation": "less than"}),
+            ("language:response_language", {"language": "en"}),
+            ("length_constraints:number_sentences", {"num_sentences": 20, "relation": "less than"}),
+            ("length_constraints:number_paragraphs", {"num_paragraphs": 3}),
+            ("length_constraints:number_words", {"num_words": 300, "relation": "at least"}),
+            ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 1,
+                                                             "first_word": "a"}),
+            ("detectable_content:number_placeholders", {"num_placeholders": 2}),
+            ("detectable_content:postscript", {"postscript_marker": "P.S."}),
+            ("detectable_content:postscript", {"postscript_marker": "P.P.S"}),
+            ("detectable_format:number_bullet_lists", {"num_bullets": 3}),
+            ("detectable_format:constrained_response", {}),
+            ("detectable_format:number_highlighted_sections", {"num_highlights": 3}),
+            ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2}),
+            ("detectable_format:json_format", {}), ("detectable_format:title", {}),
+            ("combination:two_responses", {}), ("combination:repeat_prompt", {"prompt_to_repeat": "Say a."}),
+            ("startend:end_checker", {"end_phrase": "Bye."}), ("startend:quotation", {}),
+            ("change_case:capital_word_frequency", {"capital_frequency": 20, "capital_relation": "less than"}),
+            ("change_case:english_capital", {}), ("change_case:english_lowercase", {}),
+            ("punctuation:no_comma", {})]],
 }
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL_TRUTHS))
 def test_adversarial_inputs_return_within_one_second(name):
     verify = verifiers.get(name)
+    for truth in ADVERSARIAL_TRUTHS[name]:  # loads langdetect's profiles and nltk once (about 2 s)
+        verify("Warm up. WARM UP.", truth)
     for key, completion in ADVERSARIAL.items():
         for truth in ADVERSARIAL_TRUTHS[name]:
             start = time.perf_counter()
@@ -402,6 +570,13 @@ def test_adversarial_inputs_return_within_one_second(name):
             elapsed = time.perf_counter() - start
             assert elapsed < 1.0, f"{name} took {elapsed:.2f}s on {key}"
             assert 0.0 <= score <= 1.0
+    if name == "ifeval":  # loose mode, as eval.py reports it, checks up to 8 variants of a response
+        for key, completion in ADVERSARIAL.items():
+            for truth in ADVERSARIAL_TRUTHS[name]:
+                start = time.perf_counter()
+                instruction_results(completion, truth, loose=True)
+                elapsed = time.perf_counter() - start
+                assert elapsed < 1.0, f"ifeval loose took {elapsed:.2f}s on {key} for {truth}"
     if name == "math":  # adversarial ground truths too (a bad row must not hang a run)
         for key, truth in ADVERSARIAL.items():
             start = time.perf_counter()

@@ -1,7 +1,8 @@
 """GSM8K-style numeric answers.
 
-Extracts, after dropping any <think> section, the first number after the last `####` if there
-is one, else the first number inside the last `\\boxed{}`, else the last number in the text.
+Extracts, after dropping any <think> section, the first number after the last `####` that has a
+number after it (so `#### 16####` is 16), else the first number inside the last `\\boxed{}`, else
+the last number in the text.
 Ground truths are read the same way, so both `"... #### 18"` (GSM8K solutions) and a bare `"18"`
 work. A number may carry a sign, `$`, thousands commas, decimals, a trailing `%`, or be a simple
 fraction (`3/4`, `\\frac{3}{4}`).
@@ -24,12 +25,25 @@ def _first_number(text: str) -> Fraction | None:
     return parse_number(match.group(0)) if match else None
 
 
+def _after_last_marker(text: str) -> Fraction | None:
+    """The first number after the last `####` that has one after it (`#### 16####` gives 16)."""
+    end, marker = len(text), text.rfind("####")
+    while marker >= 0:
+        # A number holds no '#', so one after this marker lies before the next marker, whose own
+        # text had none: each stretch of text is searched once.
+        number = _first_number(text[marker + 4:end])
+        if number is not None:
+            return number
+        end, marker = marker, text.rfind("####", 0, marker)
+    return None
+
+
 def extract_answer(text: str) -> Fraction | None:
     """The final numeric answer of a solution or completion, or None if it has none."""
     text = normalize_minus(strip_think(text))
-    marker = text.rfind("####")
-    if marker >= 0:
-        return _first_number(text[marker + 4:])
+    answer = _after_last_marker(text)
+    if answer is not None:
+        return answer
     boxed = last_boxed(text)
     if boxed is not None:
         return _first_number(_LATEX_FRACTION.sub(r"\1/\2", boxed))

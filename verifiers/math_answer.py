@@ -9,20 +9,29 @@ Normalization of both sides: `$`, spacing commands, `\\left`/`\\right`, `\\displ
 degrees (`^\\circ`, `°`), percent and dollar signs are removed; `\\dfrac`/`\\tfrac` become
 `\\frac`; `\\text{}`/`\\mbox{}` are dropped after a number (units: `10\\text{ cm}` is 10) and
 unwrapped otherwise (`\\text{Monday}`); common unit words after a number go; a leading
-`x =`, `f(x) =` or `x \\in` goes (`x=5` equals `5`); thousands commas in a lone number go.
+`x =`, `f(x) =` or `x \\in` goes (`x=5` equals `5`); thousands commas in a lone number go
+(`1,000`, `1{,}000`); `2\\frac{1}{4}` is the mixed number 9/4; `a \\pm b` is the list `a+b, a-b`;
+`2 \\text{ and } 3` is the list `2, 3`; `x > 2`, `x \\le 2`, `1 < x \\le 2` become intervals.
 
 Equality, after normalization:
 - identical strings are equal;
 - `\\{a, b\\}` sets and bare lists `a, b` are compared as multisets (any order, so the
   set `\\{1, 2\\}` equals the list `2, 1`);
 - tuples and intervals `(a, b)`, `[a, b)` element by element, with the same brackets;
-  unions `A \\cup B` part by part;
+  unions `A \\cup B` as sets of parts (any order);
+- equations `l = r` when `l - r` of one equals that of the other up to sign (`2x+3y=6` = `3y+2x=6`);
+- a word (`Monday`) only equals itself;
 - anything else is parsed as an expression (numbers, + - * / ^, implicit products, `\\frac`,
-  `\\sqrt[n]{}`, `\\pi`, `\\sin` `\\cos` `\\tan` `\\ln` `\\log` `\\exp`, `n!`, variables) by
-  the small parser below, and two expressions are equal if they agree at two fixed rational
-  assignments of their variables: exactly when both evaluate to rationals (so 1/3 != 0.333 and
-  1234567891 != 1234567890), else within a relative 1e-9 (`\\frac{\\sqrt2}{2}` = `\\frac{1}{\\sqrt2}`,
-  `(x+1)^2` = `x^2+2x+1`).
+  `\\sqrt[n]{}`, `\\binom`, `\\pi`, `\\sin` `\\cos` `\\tan` `\\ln` `\\log` (base 10 unless
+  `\\log_b`) `\\exp`, `n!`, one-letter variables, so `ab` is a times b) by the small parser
+  below, and two expressions are equal if they agree at two fixed rational assignments of their
+  variables: exactly when both evaluate to rationals (so 1/3 != 0.333 and 1234567891 !=
+  1234567890), else within a relative 1e-9 (`\\frac{\\sqrt2}{2}` = `\\frac{1}{\\sqrt2}`,
+  `(x+1)^2` = `x^2+2x+1`);
+- a percentage on one side only also matches its value over 100 (`25\\%` = `25` = `0.25`).
+
+Hugging Face's math-verify agrees on every pair of the reference corpus in
+tests/test_math_reference.py except the few listed there, where this verifier is right.
 
 Why not sympy: `sympify`/`parse_expr` run Python `eval` on the text, `parse_latex` needs a
 pinned ANTLR runtime, and `simplify` can run for minutes or exhaust memory. Evaluating our own
@@ -68,10 +77,15 @@ def extract_answer(text: str) -> str:
 
 # ----------------------------------------------------------------------------- normalization
 
-_REMOVED = [r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~",
+_REMOVED = [r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", "~",
             r"\$", "$", r"\%", "%", "^{\\circ}", "^\\circ", "\\circ", "°", r"\limits"]
 _RENAMED = [(r"\dfrac", r"\frac"), (r"\tfrac", r"\frac"), (r"\lbrace", r"\{"), (r"\rbrace", r"\}"),
-            ("bmatrix", "pmatrix"), (r"\varnothing", r"\emptyset")]
+            ("bmatrix", "pmatrix"), (r"\varnothing", r"\emptyset"), ("{,}", ","), (r"\dbinom", r"\binom"),
+            (r"\tbinom", r"\binom"), (r"\leq", r"\le"), (r"\geq", r"\ge")]
+_CONTROL_SPACE = re.compile(r"(?<!\\)\\ ")  # `\ ` is a space; `\\ ` ends a matrix row
+_AND = re.compile(r"\\text\{\s*and\s*\}")  # "2 \text{ and } 3" lists two answers
+# an integer right before a numeric fraction is a mixed number: 2\frac{1}{4} = 9/4
+_MIXED_NUMBER = re.compile(r"(?<![\d.^_}])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
 _TEXT_GROUP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf|textit|operatorname)\s*\{([^{}]*)\}")
 _TEXT_UNIT = re.compile(_TEXT_GROUP.pattern + r"(?:\^\{?[23]\}?)?")
 _UNIT = re.compile(
@@ -92,10 +106,12 @@ def _strip_left_side(item: str) -> str:
 def normalize(answer: str) -> str:
     """Canonical string form of an answer (see module docstring)."""
     text = normalize_minus(answer).strip()
+    text = _CONTROL_SPACE.sub("", text)
     for old in _REMOVED:
         text = text.replace(old, "")
     for old, new in _RENAMED:
         text = text.replace(old, new)
+    text = _MIXED_NUMBER.sub(r"(\1+\2/\3)", _AND.sub(",", text))
     without_text = _TEXT_UNIT.sub("", text)
     text = without_text if re.search(r"\d", without_text) else _TEXT_GROUP.sub(r"\1", text)
     text = _UNIT.sub("", text.strip())
@@ -103,6 +119,30 @@ def normalize(answer: str) -> str:
     text = re.sub(r"\s+", "", text).rstrip(".")
     if _THOUSANDS.match(text):
         text = text.replace(",", "")
+    if text.count(r"\pm") == 1:  # 1 \pm \sqrt2 is the list of two answers 1+\sqrt2, 1-\sqrt2
+        text = text.replace(r"\pm", "+") + "," + text.replace(r"\pm", "-")
+    return _inequality_as_interval(text)
+
+
+_BOUNDS = {"<": ")", r"\le": "]"}
+_ONE_SIDED = re.compile(r"^([a-zA-Z])(<|>|\\le|\\ge)([^<>=]+)$")
+_TWO_SIDED = re.compile(r"^([^<>=]+)(<|\\le)[a-zA-Z](<|\\le)([^<>=]+)$")
+
+
+def _inequality_as_interval(text: str) -> str:
+    """`x>2` -> `(2,\\infty)`, `x\\le2` -> `(-\\infty,2]`, `1<x\\le2` -> `(1,2]`; other text unchanged."""
+    if len(text) > MAX_PARSE_CHARS:  # the two-sided pattern backtracks on long runs of `\le`
+        return text
+    match = _ONE_SIDED.match(text)
+    if match:
+        relation, bound = match.group(2), match.group(3)
+        if relation in _BOUNDS:
+            return r"(-\infty," + bound + _BOUNDS[relation]
+        return ("(" if relation == ">" else "[") + bound + r",\infty)"
+    match = _TWO_SIDED.match(text)
+    if match:
+        low, left, right, high = match.groups()
+        return ("(" if left == "<" else "[") + low + "," + high + _BOUNDS[right]
     return text
 
 
@@ -177,7 +217,7 @@ def _equal(a: str, b: str) -> bool:
         return False
     unions_a, unions_b = _split_top_level(a, r"\cup"), _split_top_level(b, r"\cup")
     if len(unions_a) > 1 or len(unions_b) > 1:
-        return len(unions_a) == len(unions_b) and all(map(_equal, unions_a, unions_b))
+        return len(unions_a) <= MAX_LIST_ITEMS and _same_multiset(unions_a, unions_b)  # in any order
     items_a, items_b = _split_top_level(a, ","), _split_top_level(b, ",")
     if len(items_a) > 1 or len(items_b) > 1:  # a bare list of solutions: any order
         items_a, items_b = [_strip_left_side(x) for x in items_a], [_strip_left_side(x) for x in items_b]
@@ -187,15 +227,30 @@ def _equal(a: str, b: str) -> bool:
         if len(inner_a) > 1 or len(inner_b) > 1:  # tuple or interval: order and brackets matter
             return (a[0], a[-1]) == (b[0], b[-1]) and len(inner_a) == len(inner_b) \
                 and len(inner_a) <= MAX_LIST_ITEMS and all(map(_equal, inner_a, inner_b))
+    sides_a, sides_b = _split_top_level(a, "="), _split_top_level(b, "=")
+    if len(sides_a) == 2 and len(sides_b) == 2:  # equations: equal when lhs - rhs agree, up to sign
+        difference = f"({sides_a[0]})-({sides_a[1]})"
+        return _same_value(difference, f"({sides_b[0]})-({sides_b[1]})") \
+            or _same_value(difference, f"({sides_b[1]})-({sides_b[0]})")
+    if _WORD.match(a) or _WORD.match(b):  # a word answer ("Evelyn") is not a product of letters
+        return False
     return _same_value(a, b)
 
+
+_WORD = re.compile(r"^[a-zA-Z]{2,}$")
 
 # ----------------------------------------------------------------------------- expressions
 # A syntax tree is a nested tuple: ("num", Fraction) | ("var", name) | ("pi",) |
 # (op, left, right) for op in + - * / ^ | ("neg", x) | ("fact", x) | ("fn", name, x).
 
-_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\\[a-zA-Z]+|[a-zA-Z]+|[-+*/^()\[\]{}!_]")
 _FUNCTIONS = {r"\sin", r"\cos", r"\tan", r"\ln", r"\log", r"\exp", r"\sec", r"\csc", r"\cot"}
+_COMMANDS = sorted(_FUNCTIONS | {r"\frac", r"\sqrt", r"\pi", r"\cdot", r"\times", r"\div", r"\binom"}, key=len,
+                   reverse=True)
+# Known commands first, so that `\cdotx` (spaces are removed) reads as `\cdot x`; one letter is one
+# variable, so that `ab` is a times b.
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|" + "|".join(map(re.escape, _COMMANDS))
+                    + r"|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^()\[\]{}!_]")
+MAX_BINOMIAL_N = 10_000
 _TIMES = {"*", r"\cdot", r"\times"}
 _DIVIDE = {"/", r"\div"}
 
@@ -317,6 +372,8 @@ class _Parser:
             return ("^", self.argument(), ("/", ("num", Fraction(1)), index))
         if token == r"\pi":
             return ("pi",)
+        if token == r"\binom":
+            return ("binom", self.argument(), self.argument())
         if token in _FUNCTIONS:
             if token == r"\log" and self.peek() == "_":
                 self.take()
@@ -361,7 +418,7 @@ def _power(base, exponent):
 
 
 _FLOAT_FUNCTIONS = {r"\sin": cmath.sin, r"\cos": cmath.cos, r"\tan": cmath.tan, r"\ln": cmath.log,
-                    r"\log": cmath.log, r"\exp": cmath.exp, r"\sec": lambda x: 1 / cmath.cos(x),
+                    r"\log": cmath.log10, r"\exp": cmath.exp, r"\sec": lambda x: 1 / cmath.cos(x),
                     r"\csc": lambda x: 1 / cmath.sin(x), r"\cot": lambda x: 1 / cmath.tan(x)}
 
 
@@ -381,6 +438,11 @@ def _evaluate(tree, values: dict[str, Fraction]):
         if not (isinstance(n, Fraction) and n.denominator == 1 and 0 <= n <= 200):
             raise ValueError("factorial of a non-integer or large number")
         return Fraction(math.factorial(int(n)))
+    if kind == "binom":
+        n, k = _evaluate(tree[1], values), _evaluate(tree[2], values)
+        if not all(isinstance(v, Fraction) and v.denominator == 1 and 0 <= v <= MAX_BINOMIAL_N for v in (n, k)):
+            raise ValueError("binomial of a non-integer or large number")
+        return Fraction(math.comb(int(n), int(k)))
     if kind == "fn":
         return _FLOAT_FUNCTIONS[tree[1]](complex(_evaluate(tree[2], values)))
     left, right = _evaluate(tree[1], values), _evaluate(tree[2], values)
@@ -435,4 +497,17 @@ def _same_value(a: str, b: str) -> bool:
 @register("math")
 def math_answer(completion: str, ground_truth: str) -> float:
     """1.0 if the completion's final answer equals the ground truth's (see module docstring)."""
-    return float(_equal(normalize(extract_answer(completion)), normalize(extract_answer(ground_truth))))
+    answer, truth = extract_answer(completion), extract_answer(ground_truth)
+    normalized_answer, normalized_truth = normalize(answer), normalize(truth)
+    if _equal(normalized_answer, normalized_truth):
+        return 1.0
+    # A percentage on one side only may also be meant as a fraction: 25% = 25 and 25% = 0.25.
+    if ("%" in answer) != ("%" in truth):
+        if "%" in answer and _NUMBER.match(normalized_answer):
+            return float(_equal(normalized_answer + "/100", normalized_truth))
+        if "%" in truth and _NUMBER.match(normalized_truth):
+            return float(_equal(normalized_answer, normalized_truth + "/100"))
+    return 0.0
+
+
+_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
