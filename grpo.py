@@ -178,15 +178,20 @@ def token_weights(n_loss_tokens, loss_type, n_sequences, n_tokens, max_completio
 def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0):
     """Per-token loss -min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3(pi || ref),
     with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0. All inputs are [n_tokens]. Also returns the
-    k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above."""
+    k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above.
+    The clipped tokens are picked by those explicit comparisons rather than by min() and clamp(),
+    whose gradients at ties and bounds differ between torch releases: a token on the clip boundary
+    (every token when the ratio is 1 and epsilon 0) keeps the full policy gradient -A ratio."""
     ratio = torch.exp(logp - old_logp)
-    loss = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    # where the clip binds, the objective is the constant clip(ratio) A: no gradient
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high).detach()
+    loss = -torch.where(low | high, clipped, ratio) * advantages
     kl = None
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         loss = loss + beta * kl
-    low = (ratio < 1 - epsilon_low) & (advantages < 0)
-    high = (ratio > 1 + epsilon_high) & (advantages > 0)
     return loss, kl, low, high
 
 

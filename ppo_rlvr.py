@@ -220,17 +220,24 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_to
              vf_coef):
     """Clipped policy loss + vf_coef x clipped value loss, summed over the valid tokens and divided
     by n_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
-    token sums of the statistics TRL logs."""
+    token sums of the statistics TRL logs. Where each clip binds is decided by explicit comparisons
+    rather than by max() and clamp(), whose gradients at ties and bounds differ between torch
+    releases: a ratio or value on the clip boundary keeps its full, unclipped gradient."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    # the policy clip binds where it lowers the objective: A > 0 above 1 + clip, A < 0 below 1 - clip;
+    # there the loss is the constant -A clip(ratio), with no gradient
+    pg_clipped = ((advantages > 0) & (ratio > 1 + cliprange)) | ((advantages < 0) & (ratio < 1 - cliprange))
+    pg_losses = -advantages * torch.where(pg_clipped, ratio.clamp(1 - cliprange, 1 + cliprange).detach(), ratio)
+    # the value clip binds where the clipped prediction's error is the larger one (the prediction left
+    # the range around the rollout's value); there the loss is constant too
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_losses = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_binds = vf_clipped > vf_unclipped
+    vf_losses = 0.5 * torch.where(vf_binds, vf_clipped.detach(), vf_unclipped)
     loss = ((pg_losses + vf_coef * vf_losses) * mask).sum() / n_tokens
     with torch.no_grad():
-        stats = torch.stack([pg_losses, vf_losses, (-advantages * ratio < pg_losses).float(),
-                             ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(),
-                             0.5 * log_ratio ** 2, ratio])
+        stats = torch.stack([pg_losses, vf_losses, pg_clipped.float(), vf_binds.float(), 0.5 * log_ratio ** 2, ratio])
         stats = (stats * mask).flatten(1).sum(1).double()
     return loss, stats  # stats: policy loss, value loss, policy clipped, value clipped, approx kl, ratio
 

@@ -45,6 +45,7 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
+@pytest.mark.math
 def test_each_loss_type_matches_its_formula():
     policy = torch.tensor([[-10.0, -14.0], [-30.0, -20.0], [-5.0, -5.5]], dtype=torch.float64)
     ref = torch.tensor([[-11.0, -12.0], [-29.0, -22.0], [-6.0, -5.0]], dtype=torch.float64)
