@@ -150,7 +150,7 @@ def test_concatenated_batch_equals_separate_sequences():
 
 def test_default_model_missing_says_to_run_sft_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"runs/sft/final: no such model directory \(run `python sft.py` first"):
+    with pytest.raises(ValueError, match=r"--model runs/sft/final: no such directory; `python sft.py` writes"):
         dpo.check_args(dpo.Args())
     with pytest.raises(ValueError, match="label_smoothing does not apply to --loss_type ipo"):
         dpo.check_args(dpo.Args(model=TINY, loss_type="ipo", label_smoothing=0.1))

@@ -229,7 +229,7 @@ def test_bad_row_or_missing_model_stops_before_compute(tmp_path, sft_demo_checkp
                       "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode != 0 and "bad.jsonl row 2: ground truth 'three' is unusable" in proc.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-    with pytest.raises(ValueError, match="runs/nothing/final does not exist"):
+    with pytest.raises(ValueError, match="--model runs/nothing/final: no such directory"):
         ppo_rlvr.check_args(ppo_rlvr.Args(model="runs/nothing/final"))
 
 
