@@ -105,8 +105,10 @@ def run_stage(script, flags, nproc):
         returncode = subprocess.run(cmd, env=env).returncode
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if interrupted or returncode:
-        sys.exit(f"pipeline: stopped at stage {script} ({'Ctrl-C' if interrupted else f'exit status {returncode}'})")
+    if interrupted:
+        sys.exit(f"pipeline: stopped by Ctrl-C in {script}; the command above with --resume continues that stage")
+    if returncode:
+        sys.exit(f"pipeline: {script} failed (exit status {returncode})")
 
 
 def read_metrics(path):

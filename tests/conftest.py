@@ -29,10 +29,10 @@ def run_script(script, *args, nproc=1, timeout=900, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(ROOT)}
     if nproc == 1:
-        cmd = [sys.executable, script]
+        cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), script]
+               "--master_port", str(free_port()), str(script)]
     cmd += [str(a) for a in args]
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
