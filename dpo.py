@@ -118,7 +118,7 @@ class Args:
     output_dir: str = "runs/dpo"
     """where metrics.jsonl, step_N/ checkpoints, final/ (Hugging Face format) and the reference cache go"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
     """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
     overwrite_output_dir: bool = False
@@ -558,7 +558,8 @@ def prepare_output_dir(output_dir, resumed_step):
                 os.remove(path)
     elif os.path.exists(metrics):
         with open(metrics) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            # a last line without its newline was cut short by a crash: dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
