@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from array import array
 from dataclasses import asdict, dataclass
@@ -57,7 +58,7 @@ from kernels import linear_logprobs
 class Args:
     # model and data
     model: str = "runs/sft/final"
-    """policy to start from: hub id or local dir (default: what `python sft.py` writes; run it first)"""
+    """policy to start from: hub id or local dir (the demo: what `python sft.py` writes)"""
     ref_model: str | None = None
     """reference model, when it is not the initial policy (must share the policy's tokenizer)"""
     dataset: str = "data/dpo_train.jsonl"
@@ -109,7 +110,7 @@ class Args:
     simpo_gamma_beta_ratio: float = 0.5
     """SimPO's target reward margin gamma, as a ratio gamma / beta (TRL's default)"""
     ref_cache_dir: str | None = None
-    """directory of reference log-prob caches, ref_logps_<key>.pt (default: --output_dir)"""
+    """directory of reference log-prob caches, ref_logps_<key>.pt (None: --output_dir)"""
     ref_cache: str | None = None
     """explicit cache file: reused if its key matches this run, refused if it does not, else written"""
 
@@ -117,9 +118,11 @@ class Args:
     output_dir: str = "runs/dpo"
     """where metrics.jsonl, step_N/ checkpoints, final/ (Hugging Face format) and the reference cache go"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
-    """continue from the latest output_dir/step_N"""
+    """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
+    overwrite_output_dir: bool = False
+    """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
     """evaluate every N steps (0: before training and at the end only)"""
     log_every: int = 1
@@ -129,7 +132,12 @@ class Args:
     wandb_project: str = "nanopost"
     """wandb project name"""
     run_name: str | None = None
-    """wandb run name (default: output_dir's name)"""
+    """wandb run name (None: output_dir's name)"""
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,13 +201,13 @@ def end_of_turn_token(tokenizer):
     """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
     <end_of_turn>, ...): it carries log-prob as the end of the response."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+        raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     after = text[text.rindex("PROBE") + len("PROBE"):]
     ids = tokenizer(after, add_special_tokens=False).input_ids
     if not ids or ids[0] not in tokenizer.added_tokens_decoder:
-        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+        raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
     return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
 
 
@@ -207,10 +215,10 @@ def as_messages(value, role, where):
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise ValueError(f"{where}: expected a list of {{role, content}} messages or a string, got {value!r:.200}")
+        raise InputError(f"{where}: expected a list of {{role, content}} messages or a string, got {value!r:.200}")
     for j, m in enumerate(value):
         if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+            raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
     return value
 
@@ -224,13 +232,13 @@ def split_pair(row, where):
     for name, conversation in (("chosen", chosen), ("rejected", rejected)):
         if not conversation or conversation[-1]["role"] != "assistant":
             last = conversation[-1]["role"] if conversation else "nothing"
-            raise ValueError(f"{where}: {name} must end with the assistant's response, but ends with {last}")
+            raise InputError(f"{where}: {name} must end with the assistant's response, but ends with {last}")
         if len(conversation) < 2:
-            raise ValueError(f"{where}: {name} has no prompt before its response")
+            raise InputError(f"{where}: {name} has no prompt before its response")
     if chosen[:-1] != rejected[:-1]:
         j = next((j for j, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
                  min(len(chosen), len(rejected)) - 1)
-        raise ValueError(f"{where}: chosen and rejected must share the prompt (every message but the last); "
+        raise InputError(f"{where}: chosen and rejected must share the prompt (every message but the last); "
                          f"they differ at message {j}")
     return chosen[:-1], chosen[-1], rejected[-1]
 
@@ -242,11 +250,11 @@ def tokenize_response(tokenizer, prompt, response, eot_text, max_seq_len, where)
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     text = tokenizer.apply_chat_template(prompt + [response], tokenize=False)
     if not text.startswith(prompt_text):
-        raise ValueError(f"{where}: the chat template renders the prompt differently when a response follows "
+        raise InputError(f"{where}: the chat template renders the prompt differently when a response follows "
                          "(not prefix-stable), so response tokens cannot be located")
     end = text.rfind(eot_text, len(prompt_text))
     if end < 0:
-        raise ValueError(f"{where}: the response does not end with {eot_text!r}")
+        raise InputError(f"{where}: the response does not end with {eot_text!r}")
     enc = tokenizer(text[:end + len(eot_text)], add_special_tokens=False, return_offsets_mapping=True)
     ids = enc.input_ids[:max_seq_len]
     labels = [tok if start >= len(prompt_text) else -100 for tok, (start, _) in zip(ids, enc.offset_mapping)]
@@ -254,12 +262,34 @@ def tokenize_response(tokenizer, prompt, response, eot_text, max_seq_len, where)
 
 
 def load_rows(name, split):
+    """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
     import datasets  # imported here: it is slow to import and only needed once
 
-    if os.path.exists(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split)
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
+    try:
         return datasets.load_dataset(kind, data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
 
 
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
@@ -268,7 +298,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     Rank 0 tokenizes first so that the other ranks read the datasets cache."""
     rows = load_rows(name, split)
     if not {"chosen", "rejected"} <= set(rows.column_names):
-        raise ValueError(f"{name}: expected `chosen` and `rejected` columns, found {rows.column_names}")
+        raise InputError(f"{name}: expected `chosen` and `rejected` columns, found {rows.column_names}")
 
     def tokenize(row, index):
         where = f"{name} row {index}"
@@ -288,7 +318,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     if rank == 0 and len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} pairs whose prompt fills --max_seq_len")
     if len(kept) == 0:
-        raise ValueError(f"{name}: no pair has response tokens within --max_seq_len={max_seq_len}")
+        raise InputError(f"{name}: no pair has response tokens within --max_seq_len={max_seq_len}")
     return kept.to_list()
 
 
@@ -449,7 +479,7 @@ def load_reference_cache(path, key, meta, explicit):
     cache = torch.load(path, weights_only=True)
     if cache["key"] != key:
         differs = {k: (cache["meta"].get(k), v) for k, v in meta.items() if cache["meta"].get(k) != v}
-        raise ValueError(f"--ref_cache {path} holds reference log-probs of another setup; differing (cached, "
+        raise InputError(f"--ref_cache {path} holds reference log-probs of another setup; differing (cached, "
                          f"this run): {differs}. Delete the file or pass another --ref_cache"
                          if explicit else f"{path}: stored key does not match its name; delete it")
     return cache
@@ -492,7 +522,7 @@ def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_i
             torch.save(cache, path + ".tmp")
             os.replace(path + ".tmp", path)
     if cache["train"].shape != (len(train_rows), 2) or cache["eval"].shape != (len(eval_rows), 2):
-        raise ValueError(f"{path} holds {len(cache['train'])} + {len(cache['eval'])} pairs, this run has "
+        raise InputError(f"{path} holds {len(cache['train'])} + {len(cache['eval'])} pairs, this run has "
                          f"{len(train_rows)} + {len(eval_rows)}; delete it")
     return cache["train"].to(device), cache["eval"].to(device)
 
@@ -505,6 +535,34 @@ def latest_checkpoint(output_dir):
     steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d))] \
         if os.path.isdir(output_dir) else []
     return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
+
+
+def earlier_run(output_dir):
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+
+
+def prepare_output_dir(output_dir, resumed_step):
+    """A fresh run (resumed_step None) deletes an earlier run's files, which check_args let through
+    only with --overwrite_output_dir; a resumed run drops the metrics.jsonl rows logged after its
+    checkpoint, so that every step is logged once."""
+    os.makedirs(output_dir, exist_ok=True)
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if resumed_step is None:
+        for name in earlier_run(output_dir):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    elif os.path.exists(metrics):
+        with open(metrics) as f:
+            # a last line without its newline was cut short by a crash: dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
 
 
 def save_checkpoint(path, model, optimizer, scheduler, step, run_config, rank):
@@ -534,7 +592,7 @@ def load_checkpoint(path, model, optimizer, scheduler, global_batch_size, seed, 
     saved = state["config"]
     saved_batch = saved["per_device_batch_size"] * saved["grad_accum_steps"] * saved["world_size"]
     if (saved_batch, saved["seed"]) != (global_batch_size, seed):
-        raise ValueError(f"{path} was trained with a global batch of {saved_batch} pairs and --seed "
+        raise InputError(f"{path} was trained with a global batch of {saved_batch} pairs and --seed "
                          f"{saved['seed']}; this run has {global_batch_size} and {seed}: the data order would "
                          "not continue where it stopped")
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -587,38 +645,84 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def stop_on_signals(rank):
+    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
+    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
+    received = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+            if rank == 0:
+                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
+                      "without saving)", flush=True)
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return received
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
 def check_args(args):
+    """Every flag and path, before anything heavy runs."""
     for name in ("per_device_batch_size", "grad_accum_steps", "max_seq_len", "num_epochs", "log_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+        raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.lr <= 0 or args.beta <= 0:
-        raise ValueError(f"--lr and --beta must be > 0, got {args.lr} and {args.beta}")
+        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    for name in ("lr", "beta"):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+        raise InputError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.label_smoothing and args.loss_type == "ipo":
-        raise ValueError("--label_smoothing does not apply to --loss_type ipo")
+        raise InputError("--label_smoothing does not apply to --loss_type ipo")
     if args.loss_type == "simpo" and (args.ref_model or args.ref_cache):
-        raise ValueError("--loss_type simpo uses no reference: drop --ref_model / --ref_cache")
-    for flag, name in (("--model", args.model), ("--ref_model", args.ref_model)):
-        # a hub id is "org/name"; anything else that is not a directory is a missing local path
-        if name and not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/"))):
-            hint = " (run `python sft.py` first, it writes runs/sft/final, or pass --model)" \
-                if name == Args.model else ""
-            raise ValueError(f"{flag} {name}: no such model directory{hint}")
+        raise InputError("--loss_type simpo uses no reference: drop --ref_model / --ref_cache")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such directory{demo_checkpoints_hint(['sft'])}")
+    if args.ref_model and names_local_path(args.ref_model) and not os.path.isdir(args.ref_model):
+        raise InputError(f"--ref_model {args.ref_model}: no such directory")
+    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
+        if name and names_local_path(name) and not os.path.exists(name):
+            raise InputError(f"{flag} {name}: no such file or directory")
+    if args.resume and args.overwrite_output_dir:
+        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
     if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
+                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
 
 
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -629,7 +733,7 @@ def main(args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id  # never a target
     batch_size = args.per_device_batch_size * args.grad_accum_steps * world
     if len(train_rows) < batch_size:
-        raise ValueError(f"{args.dataset} has {len(train_rows)} usable pairs, fewer than one global batch "
+        raise InputError(f"{args.dataset} has {len(train_rows)} usable pairs, fewer than one global batch "
                          f"({batch_size} = per_device_batch_size x grad_accum_steps x world size)")
     total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
 
@@ -680,7 +784,8 @@ def main(args):
                 "eval_logps/accuracies": (policy[:, 0] > policy[:, 1]).double().mean().item()}
 
     # logging
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        prepare_output_dir(args.output_dir, start_step if args.resume else None)
     if rank == 0 and args.track:
         import wandb
         wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
@@ -752,7 +857,8 @@ def main(args):
                             {**asdict(args), "world_size": world}, rank)
         if stop.item():
             if rank == 0:
-                print(f"SIGTERM: saved step_{step}, exiting")
+                print(f"{stop_requested[0] if stop_requested else 'a signal to another rank'}: saved step_{step}, "
+                      "exiting (--resume continues from it)")
             dist.destroy_process_group()
             return
     bar.close()
@@ -770,4 +876,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

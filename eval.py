@@ -2,14 +2,15 @@
 the verifiers.
 
 Each row has `messages` (the prompt conversation), `ground_truth` and `dataset` (the verifier's
-name), the RL format of DESIGN.md. Greedy decoding by default gives pass@1 accuracy; with
---temperature > 0 and --num_samples n, it reports the mean score over samples and the unbiased
-pass@k of Chen et al. 2021 for each k <= n. Prints accuracy per verifier (GSM8K and MATH accuracy
-as their papers report it) and, for IFEval rows, IFEval's four numbers: prompt-level and
-instruction-level accuracy, strict and loose. Writes every prompt, completion and score to a jsonl
-file.
+name), the RL format that grpo.py and ppo_rlvr.py train on. Greedy decoding by default gives
+pass@1 accuracy; with --temperature > 0 and --num_samples n, it reports the mean score over samples
+and the unbiased pass@k of Chen et al. 2021 for each k <= n. Prints accuracy per verifier (GSM8K and
+MATH accuracy as their papers report it) and, for IFEval rows, IFEval's four numbers: prompt-level
+and instruction-level accuracy, strict and loose. Writes every prompt, completion and score to a
+jsonl file.
 
-    python eval.py --model runs/sft/final                       # the demo's test split
+    python eval.py                                              # runs/sft/final on the demo's test split
+    python eval.py --model runs/pipeline/grpo/final             # a checkpoint of `python pipeline.py`
     torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
         --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --max_new_tokens 1024 \\
         --temperature 0.6 --num_samples 8
@@ -18,6 +19,7 @@ file.
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -51,9 +53,14 @@ class Args:
     batch_size: int = 64
     """prompts per generate call on each rank"""
     output: str | None = None
-    """jsonl of prompts, completions and scores (default: eval_<dataset name>.jsonl beside a local model)"""
+    """jsonl of prompts, completions and scores (None: eval_<dataset name>.jsonl beside a local model)"""
     seed: int = 0
     """sampling seed (each rank uses seed + rank)"""
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
 
 
 def pass_at_k(n, c, k):
@@ -65,23 +72,46 @@ def pass_at_k(n, c, k):
 
 
 def load_rows(name, split):
-    import datasets
+    """The rows of a local .jsonl/.json/.parquet file, or of a split of a hub dataset or local dataset
+    directory."""
+    import datasets  # imported here: it is slow to import and only needed once
 
-    if os.path.exists(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split).to_list()
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
+    try:
         return datasets.load_dataset(kind, data_files=name, split="train").to_list()
-    return datasets.load_dataset(name, split=split).to_list()
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
 
 
 def check_rows(rows, name):
     known = set(verifiers.names())
     for i, row in enumerate(rows):
         if not isinstance(row.get("messages"), list) or not row["messages"]:
-            raise ValueError(f"{name} row {i}: `messages` must be a non-empty list of {{role, content}}")
+            raise InputError(f"{name} row {i}: `messages` must be a non-empty list of {{role, content}}")
         if not isinstance(row.get("ground_truth"), str):
-            raise ValueError(f"{name} row {i}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.100}")
+            raise InputError(f"{name} row {i}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.100}")
         if str(row.get("dataset", "")).lower() not in known:
-            raise ValueError(f"{name} row {i}: `dataset` {row.get('dataset')!r} is not a verifier "
+            raise InputError(f"{name} row {i}: `dataset` {row.get('dataset')!r} is not a verifier "
                              f"(known: {sorted(known)})")
 
 
@@ -111,10 +141,47 @@ def generate(model, tokenizer, prompts, args, stop_ids, device):
     return [texts[i * args.num_samples:(i + 1) * args.num_samples] for i in range(len(prompts))]
 
 
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
+def check_args(args):
+    """Every flag and path, before anything heavy runs."""
+    for name in ("max_new_tokens", "num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise InputError(f"--max_rows must be >= 1, got {args.max_rows}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise InputError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
+    if args.num_samples > 1 and args.temperature <= 0:
+        raise InputError("--num_samples > 1 needs --temperature > 0 (greedy gives the same completion)")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such directory"
+                         f"{demo_checkpoints_hint(['sft', 'dpo', 'grpo', 'ppo'])}")
+    if names_local_path(args.dataset) and not os.path.exists(args.dataset):
+        raise InputError(f"--dataset {args.dataset}: no such file or directory")
+
+
 def evaluate(args):
     """Scores this process's share of the rows; returns (summary dict, per-row records) on rank 0."""
-    if args.num_samples > 1 and args.temperature <= 0:
-        raise ValueError("--num_samples > 1 needs --temperature > 0 (greedy gives the same completion)")
+    check_args(args)
     distributed = "RANK" in os.environ
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -215,4 +282,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

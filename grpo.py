@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -112,7 +113,7 @@ class Args:
     epsilon: float = 0.2
     """lower clip: ratio >= 1 - epsilon"""
     epsilon_high: float | None = None
-    """upper clip: ratio <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); default: --epsilon"""
+    """upper clip: ratio <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); None: --epsilon"""
     beta: float = 0.0
     """weight of the k3 KL to the starting policy (0: no reference model is loaded)"""
     num_iterations: int = 1
@@ -124,15 +125,17 @@ class Args:
     format_reward: bool = False
     """add the `format` verifier (<think>...</think>answer) as a second reward"""
     reward_weights: list[float] | None = None
-    """weights of [verifier] or [verifier, format] rewards; default all 1"""
+    """weights of [verifier] or [verifier, format] rewards; None: all 1"""
 
     # logging and checkpointing
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
-    """continue from the latest output_dir/step_N"""
+    """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
+    overwrite_output_dir: bool = False
+    """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
     """greedy eval/accuracy every N steps and before the first (0: only at the end)"""
     log_every: int = 1
@@ -142,7 +145,12 @@ class Args:
     wandb_project: str = "nanopost"
     """wandb project name"""
     run_name: str | None = None
-    """wandb run name (default: output_dir's name)"""
+    """wandb run name (None: output_dir's name)"""
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,15 +186,20 @@ def token_weights(n_loss_tokens, loss_type, n_sequences, n_tokens, max_completio
 def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0):
     """Per-token loss -min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3(pi || ref),
     with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0. All inputs are [n_tokens]. Also returns the
-    k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above."""
+    k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above.
+    The clipped tokens are picked by those explicit comparisons rather than by min() and clamp(),
+    whose gradients at ties and bounds differ between torch releases: a token on the clip boundary
+    (every token when the ratio is 1 and epsilon 0) keeps the full policy gradient -A ratio."""
     ratio = torch.exp(logp - old_logp)
-    loss = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    # where the clip binds, the objective is the constant clip(ratio) A: no gradient
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high).detach()
+    loss = -torch.where(low | high, clipped, ratio) * advantages
     kl = None
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         loss = loss + beta * kl
-    low = (ratio < 1 - epsilon_low) & (advantages < 0)
-    high = (ratio > 1 + epsilon_high) & (advantages > 0)
     return loss, kl, low, high
 
 
@@ -198,13 +211,13 @@ def end_of_turn_token(tokenizer):
     """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
     <end_of_turn>, ...): generation stops at it, and it carries loss."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+        raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     after = text[text.rindex("PROBE") + len("PROBE"):]
     ids = tokenizer(after, add_special_tokens=False).input_ids
     if not ids or ids[0] not in tokenizer.added_tokens_decoder:
-        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+        raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
     return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
 
 
@@ -213,31 +226,53 @@ def check_row(row, where):
     string ground truth, a registered verifier that accepts that ground truth."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+        raise InputError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+            raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
     if messages[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+        raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
     if not isinstance(row.get("ground_truth"), str):
-        raise ValueError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+        raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
     if not isinstance(row.get("dataset"), str):
-        raise ValueError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
+        raise InputError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
     try:
         verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{where}: {e.args[0]}") from None
+        raise InputError(f"{where}: {e.args[0]}") from None
 
 
 def load_rows(name, split):
+    """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
     import datasets  # imported here: it is slow to import and only needed once
 
-    if os.path.exists(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split)
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
+    try:
         return datasets.load_dataset(kind, data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
 
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
@@ -246,7 +281,7 @@ def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
     rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
-        raise ValueError(f"{name}: missing columns {sorted(missing)}, found {rows.column_names}")
+        raise InputError(f"{name}: missing columns {sorted(missing)}, found {rows.column_names}")
 
     def prepare(row, index):
         check_row(row, f"{name} row {index}")
@@ -262,7 +297,7 @@ def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
     if rank == 0 and len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} prompts longer than --max_prompt_len={max_prompt_len}")
     if len(kept) == 0:
-        raise ValueError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
+        raise InputError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
     return kept.to_list()
 
 
@@ -383,6 +418,34 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
 
 
+def earlier_run(output_dir):
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+
+
+def prepare_output_dir(output_dir, resumed_step):
+    """A fresh run (resumed_step None) deletes an earlier run's files, which check_args let through
+    only with --overwrite_output_dir; a resumed run drops the metrics.jsonl rows logged after its
+    checkpoint, so that every step is logged once."""
+    os.makedirs(output_dir, exist_ok=True)
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if resumed_step is None:
+        for name in earlier_run(output_dir):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    elif os.path.exists(metrics):
+        with open(metrics) as f:
+            # a last line without its newline was cut short by a crash: dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
 def save_checkpoint(path, model, optimizer, scheduler, step, rollout, run_config, rank):
     """Sharded model + optimizer via torch.distributed.checkpoint, plus scheduler, step, every
     rank's RNG state and its rollout (reused by later steps when --num_iterations > 1); written to
@@ -412,7 +475,7 @@ def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
     keys = ("seed", "world_size", "per_device_batch_size", "grad_accum_steps", "num_generations", "num_iterations")
     saved, now = [state["config"][k] for k in keys], [run_config[k] for k in keys]
     if saved != now:
-        raise ValueError(f"{path} was trained with {dict(zip(keys, saved))}; this run has {dict(zip(keys, now))}: "
+        raise InputError(f"{path} was trained with {dict(zip(keys, saved))}; this run has {dict(zip(keys, now))}: "
                          "the prompts and samples would not continue where they stopped")
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
@@ -462,42 +525,90 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def stop_on_signals(rank):
+    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
+    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
+    received = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+            if rank == 0:
+                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
+                      "without saving)", flush=True)
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return received
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
 def check_args(args):
+    """Every flag and path, before anything heavy runs."""
     for name in ("per_device_batch_size", "grad_accum_steps", "max_prompt_len", "max_completion_len", "num_epochs",
                  "log_every", "num_iterations"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_generations < 2:
-        raise ValueError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
+        raise InputError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
     if args.per_device_batch_size * args.grad_accum_steps % args.num_generations:
-        raise ValueError(f"--per_device_batch_size x --grad_accum_steps ({args.per_device_batch_size} x "
+        raise InputError(f"--per_device_batch_size x --grad_accum_steps ({args.per_device_batch_size} x "
                          f"{args.grad_accum_steps}) must be a multiple of --num_generations ({args.num_generations}): "
                          "each rank samples whole groups")
     if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+        raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.lr <= 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.beta < 0:
-        raise ValueError("need --lr > 0, --temperature > 0, 0 < --top_p <= 1, --beta >= 0")
+        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    for name in ("lr", "temperature"):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 < args.top_p <= 1 or args.beta < 0:
+        raise InputError(f"need 0 < --top_p <= 1 and --beta >= 0, got {args.top_p} and {args.beta}")
     if not 0 <= args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high < 0):
-        raise ValueError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
+        raise InputError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
     if args.reward_weights is not None and len(args.reward_weights) != 1 + args.format_reward:
-        raise ValueError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
+        raise InputError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
                          f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)
-    if not os.path.isdir(args.model) and not hub_id:
-        raise ValueError(f"--model {args.model}: no such directory and not a hub id (the demo chain runs "
-                         "`python sft.py` first, which writes runs/sft/final)")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such directory{demo_checkpoints_hint(['sft', 'dpo'])}")
+    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
+        if name and names_local_path(name) and not os.path.exists(name):
+            raise InputError(f"{flag} {name}: no such file or directory")
+    if args.resume and args.overwrite_output_dir:
+        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
     if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
+                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
 
 
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    stop_requested = stop_on_signals(rank)
     G = args.num_generations
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     reward_weights = torch.tensor(args.reward_weights or [1.0] * (1 + args.format_reward), dtype=torch.float64)
@@ -513,7 +624,7 @@ def main(args):
     prompts_per_rank = local_completions // G
     prompts_per_step = prompts_per_rank * world
     if len(train) < prompts_per_step:
-        raise ValueError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {prompts_per_step}")
+        raise InputError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {prompts_per_step}")
     total_steps = args.max_steps or args.num_epochs * (len(train) // prompts_per_step) * args.num_iterations
 
     # models: the FSDP policy, an optional frozen reference, and a full copy for generation
@@ -640,7 +751,8 @@ def main(args):
         return {"micro_batches": micro_batches, "metrics": metrics}
 
     # logging
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        prepare_output_dir(args.output_dir, start_step if args.resume else None)
     if rank == 0 and args.track:
         import wandb
         wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
@@ -715,7 +827,8 @@ def main(args):
                             reusable, run_config, rank)
         if stop.item():
             if rank == 0:
-                print(f"SIGTERM: saved step_{step}, exiting")
+                print(f"{stop_requested[0] if stop_requested else 'a signal to another rank'}: saved step_{step}, "
+                      "exiting (--resume continues from it)")
             dist.destroy_process_group()
             return
     bar.close()
@@ -734,4 +847,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -9,12 +9,14 @@ every stage's training curves.
 
 Each stage is the plain script with the flags below: the commands it prints are the commands to
 run by hand. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/results.md,
-output_dir/pipeline.png.
+output_dir/pipeline.png. Running a stage again into the same output_dir needs
+--overwrite_output_dir; `python eval.py --model runs/pipeline/grpo/final` evaluates a stage again.
 """
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,16 +28,19 @@ import eval as evaluation
 
 # The demo recipe: (stage, script, model it starts from, flags). Step counts are scaled by --scale.
 STAGES = [
-    ("sft", "sft.py", None, ["--num_epochs", "4"]),
+    ("sft", "sft.py", None, ["--num_epochs", "4", "--eval_every", "75"]),
     ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64"]),
     ("grpo", "grpo.py", "dpo", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1",
                                 "--lr_schedule", "cosine", "--per_device_batch_size", "128", "--eval_every", "25"]),
     ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "60", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0",
                                    "--num_ppo_epochs", "2", "--per_device_batch_size", "64", "--eval_every", "20"]),
 ]
-# The curve plotted for each stage, by metric name.
-CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "rewards/accuracies"], "grpo": ["reward", "eval/accuracy"],
-          "ppo": ["objective/verifiable_correct_rate", "eval/accuracy"]}
+# The curves plotted for each stage: (y-axis label, metric names) per y-axis; a second one is drawn
+# on the right.
+CURVES = {"sft": [("loss (nats per token)", ["loss", "eval_loss"])],
+          "dpo": [("loss", ["loss"]), ("implicit reward accuracy", ["rewards/accuracies"])],
+          "grpo": [("reward, accuracy", ["reward", "eval/accuracy"])],
+          "ppo": [("fraction correct", ["objective/verifiable_correct_rate", "eval/accuracy"])]}
 
 
 # The held-out problems the SFT teacher demonstrates wrong (data/make_data.py): two-digit
@@ -62,6 +67,12 @@ class Args:
     """held-out rows evaluated after each stage"""
     seed: int = 1
     """passed to every stage"""
+    overwrite_output_dir: bool = False
+    """rerun stages whose directory holds an earlier run (each stage deletes its metrics, checkpoints, final/)"""
+
+
+class InputError(ValueError):
+    """A bad flag: the message says what is wrong, and the pipeline prints it alone, without a traceback."""
 
 
 def scaled(flags, scale):
@@ -74,6 +85,8 @@ def scaled(flags, scale):
 
 
 def run_stage(script, flags, nproc):
+    """Runs a stage to its end. Ctrl-C reaches the stage too (the same terminal): the stage saves a
+    resumable step_N and exits, and then the pipeline stops; a second Ctrl-C ends both at once."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
     cmd = launcher + [script] + flags
@@ -81,7 +94,21 @@ def run_stage(script, flags, nproc):
           flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc))),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    subprocess.run(cmd, check=True, env=env)
+    interrupted = []
+
+    def wait_for_the_stage(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, wait_for_the_stage)
+    try:
+        returncode = subprocess.run(cmd, env=env).returncode
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        sys.exit(f"pipeline: stopped by Ctrl-C in {script}; the command above with --resume continues that stage")
+    if returncode:
+        sys.exit(f"pipeline: {script} failed (exit status {returncode})")
 
 
 def read_metrics(path):
@@ -93,7 +120,9 @@ def read_metrics(path):
     return rows
 
 
-def plot(output_dir, stages, accuracies, carry_accuracies):
+def figure(output_dir, stages, accuracies, carry_accuracies):
+    """Each stage's curves from output_dir/<stage>/metrics.jsonl, on the y-axes CURVES gives it, and
+    the held-out accuracies after each stage as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,13 +131,17 @@ def plot(output_dir, stages, accuracies, carry_accuracies):
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.4))
     for ax, stage in zip(axes, stages):
         metrics = read_metrics(os.path.join(output_dir, stage, "metrics.jsonl"))
-        for name in CURVES[stage]:
-            points = [(step, row[name]) for step, row in sorted(metrics.items()) if name in row]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=name)
+        lines = []
+        for y_axis, (ylabel, names) in zip([ax] + [ax.twinx() for _ in CURVES[stage][1:]], CURVES[stage]):
+            for name in names:
+                points = [(step, row[name]) for step, row in sorted(metrics.items()) if name in row]
+                if points:
+                    lines += y_axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=name,
+                                         color=f"C{len(lines)}")
+            y_axis.set_ylabel(ylabel)
+        y_axis.legend(handles=lines, fontsize=8)  # on the top axis, so that no curve is drawn over it
         ax.set_title(stage.upper())
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
     for shift, values, color, label in ((-0.2, accuracies, "tab:green", "all"),
                                         (0.2, carry_accuracies, "tab:orange", "carry problems")):
         xs = [i + shift for i in range(len(stages))]
@@ -117,11 +150,16 @@ def plot(output_dir, stages, accuracies, carry_accuracies):
             axes[-1].text(x, values[s], f"{values[s]:.0%}", ha="center", va="bottom", fontsize=8)
     axes[-1].set_xticks(range(len(stages)), list(stages))
     axes[-1].set_title("held-out accuracy")
+    axes[-1].set_ylabel("greedy accuracy")
     axes[-1].set_ylim(0, 1.1)
     axes[-1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
+    return fig
+
+
+def plot(output_dir, stages, accuracies, carry_accuracies):
     path = os.path.join(output_dir, "pipeline.png")
-    fig.savefig(path, dpi=110)
+    figure(output_dir, stages, accuracies, carry_accuracies).savefig(path, dpi=110)
     return path
 
 
@@ -132,24 +170,41 @@ def held_out_accuracy(model_dir, rows):
     return summary["accuracy"], sum(carry) / max(1, len(carry))
 
 
-def main(args):
-    stage_specs = {name: (script, start, flags) for name, script, start, flags in STAGES}
+def check_args(args, stage_specs):
+    """The stages exist, each one's starting model exists or comes from an earlier stage of this run,
+    and no stage would overwrite an earlier run unless told to: before the first stage starts."""
     unknown = set(args.stages) - set(stage_specs)
     if unknown:
-        raise ValueError(f"--stages: unknown {sorted(unknown)}; choose from {list(stage_specs)}")
+        raise InputError(f"--stages: unknown {sorted(unknown)}; choose from {list(stage_specs)}")
+    for i, stage in enumerate(args.stages):
+        start = stage_specs[stage][1]
+        model = os.path.join(args.output_dir, start, "final") if start else None
+        if start and start not in args.stages[:i] and not os.path.isdir(model):
+            raise InputError(f"--stages: {stage} starts from {model}, which does not exist: run stage {start} "
+                             "first (add it to --stages)")
+        stage_dir = os.path.join(args.output_dir, stage)
+        names = os.listdir(stage_dir) if os.path.isdir(stage_dir) else []
+        if not args.overwrite_output_dir and any(n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n)
+                                                 for n in names):
+            raise InputError(f"{stage_dir} holds an earlier run: pass --overwrite_output_dir to run stage {stage} "
+                             "again, or another --output_dir")
+
+
+def main(args):
+    stage_specs = {name: (script, start, flags) for name, script, start, flags in STAGES}
+    check_args(args, stage_specs)
     os.makedirs(args.output_dir, exist_ok=True)
     final = {name: os.path.join(args.output_dir, name, "final") for name in stage_specs}
     accuracies, carry_accuracies, times = {}, {}, {}
     for stage in args.stages:
         script, start, flags = stage_specs[stage]
         model = final[start] if start else "assets/tiny"
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"stage {stage} starts from {model}, which does not exist: run stage {start} first")
         if start and start not in accuracies:  # a stage run earlier: measure where this one starts
             accuracies[start], carry_accuracies[start] = held_out_accuracy(model, args.eval_rows)
         t0 = time.perf_counter()
+        overwrite = ["--overwrite_output_dir"] if args.overwrite_output_dir else []
         run_stage(script, ["--model", model, "--output_dir", os.path.join(args.output_dir, stage),
-                           "--seed", str(args.seed)] + scaled(flags, args.scale), args.nproc)
+                           "--seed", str(args.seed)] + overwrite + scaled(flags, args.scale), args.nproc)
         times[stage] = time.perf_counter() - t0
         accuracies[stage], carry_accuracies[stage] = held_out_accuracy(final[stage], args.eval_rows)
         print(f"{stage}: held-out accuracy {accuracies[stage]:.1%}, on carry problems {carry_accuracies[stage]:.1%} "
@@ -171,4 +226,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

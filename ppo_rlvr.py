@@ -47,6 +47,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -92,7 +93,7 @@ class Args:
     lr: float = 3e-5
     """policy learning rate (Tulu 3 8B RLVR: 3e-7)"""
     value_lr: float | None = None
-    """value model learning rate (default: --lr)"""
+    """value model learning rate (None: --lr)"""
     num_epochs: int = 1
     """passes over the prompts (ignored when --max_steps is set)"""
     max_steps: int | None = None
@@ -148,9 +149,11 @@ class Args:
     output_dir: str = "runs/ppo"
     """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format, the policy) go"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
-    """continue from the latest output_dir/step_N"""
+    """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
+    overwrite_output_dir: bool = False
+    """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
     """eval accuracy every N steps and before the first (0: only at the end)"""
     eval_batch_size: int = 64
@@ -162,7 +165,12 @@ class Args:
     wandb_project: str = "nanopost"
     """wandb project name"""
     run_name: str | None = None
-    """wandb run name (default: output_dir's name)"""
+    """wandb run name (None: output_dir's name)"""
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,17 +228,24 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_to
              vf_coef):
     """Clipped policy loss + vf_coef x clipped value loss, summed over the valid tokens and divided
     by n_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
-    token sums of the statistics TRL logs."""
+    token sums of the statistics TRL logs. Where each clip binds is decided by explicit comparisons
+    rather than by max() and clamp(), whose gradients at ties and bounds differ between torch
+    releases: a ratio or value on the clip boundary keeps its full, unclipped gradient."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    # the policy clip binds where it lowers the objective: A > 0 above 1 + clip, A < 0 below 1 - clip;
+    # there the loss is the constant -A clip(ratio), with no gradient
+    pg_clipped = ((advantages > 0) & (ratio > 1 + cliprange)) | ((advantages < 0) & (ratio < 1 - cliprange))
+    pg_losses = -advantages * torch.where(pg_clipped, ratio.clamp(1 - cliprange, 1 + cliprange).detach(), ratio)
+    # the value clip binds where the clipped prediction's error is the larger one (the prediction left
+    # the range around the rollout's value); there the loss is constant too
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_losses = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_binds = vf_clipped > vf_unclipped
+    vf_losses = 0.5 * torch.where(vf_binds, vf_clipped.detach(), vf_unclipped)
     loss = ((pg_losses + vf_coef * vf_losses) * mask).sum() / n_tokens
     with torch.no_grad():
-        stats = torch.stack([pg_losses, vf_losses, (-advantages * ratio < pg_losses).float(),
-                             ((values_clipped - returns) ** 2 > (values - returns) ** 2).float(),
-                             0.5 * log_ratio ** 2, ratio])
+        stats = torch.stack([pg_losses, vf_losses, pg_clipped.float(), vf_binds.float(), 0.5 * log_ratio ** 2, ratio])
         stats = (stats * mask).flatten(1).sum(1).double()
     return loss, stats  # stats: policy loss, value loss, policy clipped, value clipped, approx kl, ratio
 
@@ -242,13 +257,13 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_to
 def end_of_turn_token(tokenizer):
     """The token the chat template puts right after an assistant message; generation stops at it."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+        raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     after = text[text.rindex("PROBE") + len("PROBE"):]
     ids = tokenizer(after, add_special_tokens=False).input_ids
     if not ids or ids[0] not in tokenizer.added_tokens_decoder:
-        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+        raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
     return ids[0]
 
 
@@ -256,40 +271,65 @@ def check_row(row, where):
     """A row's prompt conversation, verifier and ground truth; a ValueError names what is wrong."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+        raise InputError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+            raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
     if messages[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: the prompt ends with an assistant message; `messages` must be the prompt only")
+        raise InputError(f"{where}: the prompt ends with an assistant message; `messages` must be the prompt only")
     if not isinstance(row.get("ground_truth"), str):
-        raise ValueError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+        raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
     try:
         verify = verifiers.get(str(row.get("dataset")))
     except KeyError:
-        raise ValueError(f"{where}: unknown verifier dataset={row.get('dataset')!r}; "
+        raise InputError(f"{where}: unknown verifier dataset={row.get('dataset')!r}; "
                          f"known: {verifiers.names()}") from None
     try:
         verify("", row["ground_truth"])
     except ValueError as e:
-        raise ValueError(f"{where}: ground truth {row['ground_truth']!r:.200} is unusable: {e}") from None
+        raise InputError(f"{where}: ground truth {row['ground_truth']!r:.200} is unusable: {e}") from None
+
+
+def load_rows(name, split):
+    """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
+    import datasets  # imported here: it is slow to import and only needed once
+
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split)
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
+    try:
+        return datasets.load_dataset(kind, data_files=name, split="train")
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
 
 
 def load_prompts(name, split, tokenizer, max_prompt_len, rank):
     """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Rank 0 goes first so that
     the other ranks read the datasets cache."""
-    import datasets  # imported here: it is slow to import and only needed once
-
-    if os.path.exists(name):
-        rows = datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name,
-                                     split="train")
-    else:
-        rows = datasets.load_dataset(name, split=split)
+    rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
-        raise ValueError(f"{name}: missing columns {sorted(missing)}; found {rows.column_names}")
+        raise InputError(f"{name}: missing columns {sorted(missing)}; found {rows.column_names}")
 
     def tokenize(row, index):
         check_row(row, f"{name} row {index}")
@@ -305,7 +345,7 @@ def load_prompts(name, split, tokenizer, max_prompt_len, rank):
     if rank == 0 and len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} prompts longer than --max_prompt_len={max_prompt_len}")
     if len(kept) == 0:
-        raise ValueError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
+        raise InputError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
     return kept.to_list()
 
 
@@ -481,6 +521,34 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
 
 
+def earlier_run(output_dir):
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+
+
+def prepare_output_dir(output_dir, resumed_step):
+    """A fresh run (resumed_step None) deletes an earlier run's files, which check_args let through
+    only with --overwrite_output_dir; a resumed run drops the metrics.jsonl rows logged after its
+    checkpoint, so that every step is logged once."""
+    os.makedirs(output_dir, exist_ok=True)
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if resumed_step is None:
+        for name in earlier_run(output_dir):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    elif os.path.exists(metrics):
+        with open(metrics) as f:
+            # a last line without its newline was cut short by a crash: dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
 def save_checkpoint(path, pairs, schedulers, step, run_config, rank):
     """Sharded policy, value model and both optimizers via torch.distributed.checkpoint, plus the
     schedulers, step and every rank's RNG state (so a resumed run samples the same completions);
@@ -512,7 +580,7 @@ def load_checkpoint(path, pairs, schedulers, batch_size, seed, world, rank):
     saved_batch = config["per_device_batch_size"] * config["grad_accum_steps"] * config["num_mini_batches"] * \
         config["world_size"]
     if (saved_batch, config["seed"], config["world_size"]) != (batch_size, seed, world):
-        raise ValueError(f"{path} was trained with {saved_batch} prompts per step on {config['world_size']} ranks "
+        raise InputError(f"{path} was trained with {saved_batch} prompts per step on {config['world_size']} ranks "
                          f"and --seed {config['seed']}; this run has {batch_size}, {world} and {seed}: data order "
                          "and sampling would not continue where they stopped")
     state = {}
@@ -566,35 +634,81 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def stop_on_signals(rank):
+    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
+    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
+    received = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+            if rank == 0:
+                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
+                      "without saving)", flush=True)
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return received
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
 def check_args(args):
+    """Every flag and path, before anything heavy runs."""
     for name in ("per_device_batch_size", "grad_accum_steps", "num_mini_batches", "num_ppo_epochs", "num_epochs",
                  "max_prompt_len", "max_new_tokens", "log_every", "eval_batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+        raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
     for name in ("lr", "temperature", "cliprange", "cliprange_value"):
         if not getattr(args, name) > 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.value_lr is not None and not args.value_lr > 0:
-        raise ValueError(f"--value_lr must be > 0, got {args.value_lr}")
+        raise InputError(f"--value_lr must be > 0, got {args.value_lr}")
     if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1 and 0 <= args.warmup_ratio < 1):
-        raise ValueError("--gamma and --lam must be in [0, 1], --warmup_ratio in [0, 1)")
-    for name in filter(None, (args.model, args.value_model)):
-        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise ValueError(f"--model/--value_model {name} does not exist. The demo chain writes runs/sft/final "
-                             "(python sft.py --num_epochs 3 --lr_schedule cosine) and runs/dpo/final (python dpo.py "
-                             "--model runs/sft/final); pass one of them, or a hub id")
+        raise InputError("--gamma and --lam must be in [0, 1], --warmup_ratio in [0, 1)")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such directory{demo_checkpoints_hint(['dpo', 'sft'])}")
+    if args.value_model and names_local_path(args.value_model) and not os.path.isdir(args.value_model):
+        raise InputError(f"--value_model {args.value_model}: no such directory")
+    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
+        if name and names_local_path(name) and not os.path.exists(name):
+            raise InputError(f"{flag} {name}: no such file or directory")
+    if args.resume and args.overwrite_output_dir:
+        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
     if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
+                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
 
 
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -606,7 +720,7 @@ def main(args):
     local_batch = args.per_device_batch_size * args.grad_accum_steps * args.num_mini_batches
     batch_size = local_batch * world
     if len(train) < batch_size:
-        raise ValueError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {batch_size} "
+        raise InputError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {batch_size} "
                          "(per_device_batch_size x grad_accum_steps x num_mini_batches x world size)")
     total_steps = args.max_steps or args.num_epochs * (len(train) // batch_size)
     total_updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
@@ -662,7 +776,8 @@ def main(args):
         return (total[0] / total[1]).item()
 
     # logging
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        prepare_output_dir(args.output_dir, start_step if args.resume else None)
     if rank == 0 and args.track:
         import wandb
         wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
@@ -789,7 +904,8 @@ def main(args):
                             {**asdict(args), "world_size": world}, rank)
         if stop.item():
             if rank == 0:
-                print(f"SIGTERM: saved step_{step}, exiting")
+                print(f"{stop_requested[0] if stop_requested else 'a signal to another rank'}: saved step_{step}, "
+                      "exiting (--resume continues from it)")
             dist.destroy_process_group()
             return
     bar.close()
@@ -807,4 +923,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

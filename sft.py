@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -88,9 +89,11 @@ class Args:
     output_dir: str = "runs/sft"
     """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM)"""
+    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
-    """continue from the latest output_dir/step_N"""
+    """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
+    overwrite_output_dir: bool = False
+    """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
     """eval loss every N steps (0: only at the end)"""
     log_every: int = 1
@@ -100,7 +103,12 @@ class Args:
     wandb_project: str = "nanopost"
     """wandb project name"""
     run_name: str | None = None
-    """wandb run name (default: output_dir's name)"""
+    """wandb run name (None: output_dir's name)"""
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,23 +119,23 @@ def end_of_turn_token(tokenizer):
     """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
     <end_of_turn>, ...): it must carry loss, and generation stops at it."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template; use a model whose tokenizer has one")
+        raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     after = text[text.rindex("PROBE") + len("PROBE"):]
     ids = tokenizer(after, add_special_tokens=False).input_ids
     if not ids or ids[0] not in tokenizer.added_tokens_decoder:
-        raise ValueError(f"the chat template ends assistant turns with {after!r}, not a special token")
+        raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
     return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
 
 
 def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+        raise InputError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+            raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
 
 
@@ -137,22 +145,22 @@ def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
     prefix of the conversation, so any prefix-stable chat template works."""
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+        raise InputError(f"{where}: no assistant message, so nothing to learn")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if i == 0:
-            raise ValueError(f"{where}: the conversation starts with an assistant message")
+            raise InputError(f"{where}: the conversation starts with an assistant message")
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise ValueError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
+            raise InputError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
                              "(not prefix-stable), so assistant tokens cannot be located")
         end = upto.rfind(eot_text, len(prompt))
         if end < 0:
-            raise ValueError(f"{where}: assistant turn {i} does not end with {eot_text!r}")
+            raise InputError(f"{where}: assistant turn {i} does not end with {eot_text!r}")
         spans.append((len(prompt), end + len(eot_text)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc.input_ids[:max_seq_len]
@@ -162,12 +170,34 @@ def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
 
 
 def load_rows(name, split):
+    """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
     import datasets  # imported here: it is slow to import and only needed once
 
-    if os.path.exists(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split)
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
+    try:
         return datasets.load_dataset(kind, data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
 
 
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
@@ -175,7 +205,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     Rank 0 tokenizes first so that the other ranks read the datasets cache."""
     rows = load_rows(name, split)
     if "messages" not in rows.column_names:
-        raise ValueError(f"{name}: expected a `messages` column, found {rows.column_names}")
+        raise InputError(f"{name}: expected a `messages` column, found {rows.column_names}")
 
     def tokenize(row, index):
         ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, f"{name} row {index}")
@@ -190,7 +220,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     if rank == 0 and len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} rows with no assistant token within --max_seq_len")
     if len(kept) == 0:
-        raise ValueError(f"{name}: no row has an assistant token within --max_seq_len={max_seq_len}")
+        raise InputError(f"{name}: no row has an assistant token within --max_seq_len={max_seq_len}")
     return kept
 
 
@@ -285,6 +315,34 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
 
 
+def earlier_run(output_dir):
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+
+
+def prepare_output_dir(output_dir, resumed_step):
+    """A fresh run (resumed_step None) deletes an earlier run's files, which check_args let through
+    only with --overwrite_output_dir; a resumed run drops the metrics.jsonl rows logged after its
+    checkpoint, so that every step is logged once."""
+    os.makedirs(output_dir, exist_ok=True)
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if resumed_step is None:
+        for name in earlier_run(output_dir):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    elif os.path.exists(metrics):
+        with open(metrics) as f:
+            # a last line without its newline was cut short by a crash: dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
 def save_checkpoint(path, model, optimizer, scheduler, step, run_config, rank):
     """Sharded model + optimizer via torch.distributed.checkpoint, plus scheduler, step and every
     rank's RNG state; written to path.tmp and renamed, so a crash never leaves a partial step_N."""
@@ -312,7 +370,7 @@ def load_checkpoint(path, model, optimizer, scheduler, global_batch_size, seed, 
     saved = state["config"]
     saved_batch = saved["per_device_batch_size"] * saved["grad_accum_steps"] * saved["world_size"]
     if (saved_batch, saved["seed"]) != (global_batch_size, seed):
-        raise ValueError(f"{path} was trained with a global batch of {saved_batch} sequences and --seed "
+        raise InputError(f"{path} was trained with a global batch of {saved_batch} sequences and --seed "
                          f"{saved['seed']}; this run has {global_batch_size} and {seed}: the data order would "
                          "not continue where it stopped")
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -365,26 +423,64 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def stop_on_signals(rank):
+    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
+    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
+    received = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+            if rank == 0:
+                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
+                      "without saving)", flush=True)
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return received
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 def check_args(args):
+    """Every flag and path, before anything heavy runs."""
     for name in ("per_device_batch_size", "grad_accum_steps", "max_seq_len", "num_epochs", "log_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+        raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+        raise InputError(f"--lr must be > 0, got {args.lr}")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        raise InputError(f"--model {args.model}: no such directory")
+    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
+        if name and names_local_path(name) and not os.path.exists(name):
+            raise InputError(f"{flag} {name}: no such file or directory")
+    if args.resume and args.overwrite_output_dir:
+        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
     if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise ValueError(f"--resume: no step_N checkpoint in {args.output_dir}")
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
+                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
 
 
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -398,7 +494,7 @@ def main(args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id  # never a target
     batch_size = args.per_device_batch_size * args.grad_accum_steps * world
     if len(train_rows) < batch_size:
-        raise ValueError(f"{args.dataset} has {len(train_rows)} usable rows, fewer than one global batch "
+        raise InputError(f"{args.dataset} has {len(train_rows)} usable rows, fewer than one global batch "
                          f"({batch_size} = per_device_batch_size x grad_accum_steps x world size)")
     total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
 
@@ -451,7 +547,8 @@ def main(args):
         return (totals[0] / totals[1]).item()
 
     # logging
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        prepare_output_dir(args.output_dir, start_step if args.resume else None)
     if rank == 0 and args.track:
         import wandb
         wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
@@ -512,7 +609,8 @@ def main(args):
                             {**asdict(args), "world_size": world}, rank)
         if stop.item():
             if rank == 0:
-                print(f"SIGTERM: saved step_{step}, exiting")
+                print(f"{stop_requested[0] if stop_requested else 'a signal to another rank'}: saved step_{step}, "
+                      "exiting (--resume continues from it)")
             dist.destroy_process_group()
             return
     bar.close()
@@ -530,4 +628,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except InputError as error:  # the message says what to fix; a traceback would only bury it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -3,30 +3,69 @@ reading what they wrote."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One thread per process, here and in every process a test launches. CPU torch with more threads
+# than free cores slows down several times over (measured: SFT on the tiny model fell from 4,700
+# to 700 tokens/s with 2 threads on a 2-core machine with one core busy elsewhere); one thread per
+# process never oversubscribes the cores as long as there are no more processes than cores.
+THREADS = "1"
+os.environ["OMP_NUM_THREADS"] = THREADS
+torch.set_num_threads(int(THREADS))
 
 
 def run_script(script, *args, nproc=1, timeout=900, check=True):
     """Runs `python script args` (nproc=1) or `torchrun --nproc_per_node nproc script args` from the
-    repo root, with the machine's cores shared among the processes, and returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)),
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    repo root, one thread per process, and returns the CompletedProcess. Past the timeout the whole
+    process tree is killed (torchrun's workers too) and the test fails saying so."""
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
     if nproc == 1:
-        cmd = [sys.executable, script]
+        cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), script]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+               "--master_port", str(free_port()), str(script)]
+    cmd += [str(a) for a in args]
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd)} did not finish within {timeout} s (is the machine busy?):\n"
+                                 f"{stdout[-3000:]}\n{stderr[-5000:]}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    return result
+
+
+def kill_tree(pid):
+    """SIGKILLs a process and all its descendants, found through /proc: torchrun starts its workers in
+    sessions of their own, so killing its process group would leave them running."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree = [pid]
+    for p in tree:
+        tree += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def free_port():
@@ -93,3 +132,25 @@ def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
     shutil.copytree(sft_demo_checkpoint[0].parent, out / "sft")
     run_script("pipeline.py", "--output_dir", out, "--stages", "dpo", "grpo", "ppo", timeout=1800)
     return out, json.loads((out / "results.json").read_text())
+
+
+# A session or module fixture that fails (a run past its timeout on a busy machine, say) raises the
+# same error in every test that needs it. The first of them reports it; the others are reported as
+# skipped, in one line that points to it, instead of repeating the error.
+_setup_errors = []  # (error, test that reported it)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when != "setup" or not report.failed or call.excinfo is None:
+        return
+    error = call.excinfo.value
+    first = next((nodeid for seen, nodeid in _setup_errors if seen is error), None)
+    if first is None:
+        _setup_errors.append((error, item.nodeid))
+        return
+    summary = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    report.outcome = "skipped"
+    report.longrepr = (str(item.path), item.location[1] + 1,
+                       f"Skipped: a fixture it needs failed in {first} ({type(error).__name__}: {summary})")

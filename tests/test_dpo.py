@@ -45,6 +45,7 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
+@pytest.mark.math
 def test_each_loss_type_matches_its_formula():
     policy = torch.tensor([[-10.0, -14.0], [-30.0, -20.0], [-5.0, -5.5]], dtype=torch.float64)
     ref = torch.tensor([[-11.0, -12.0], [-29.0, -22.0], [-6.0, -5.0]], dtype=torch.float64)
@@ -149,7 +150,7 @@ def test_concatenated_batch_equals_separate_sequences():
 
 def test_default_model_missing_says_to_run_sft_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"runs/sft/final: no such model directory \(run `python sft.py` first"):
+    with pytest.raises(ValueError, match=r"--model runs/sft/final: no such directory; `python sft.py` writes"):
         dpo.check_args(dpo.Args())
     with pytest.raises(ValueError, match="label_smoothing does not apply to --loss_type ipo"):
         dpo.check_args(dpo.Args(model=TINY, loss_type="ipo", label_smoothing=0.1))

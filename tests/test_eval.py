@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (6, 3, 4), (4, 4, 2), (8, 1, 8)])
 def test_pass_at_k_equals_enumeration(n, c, k):
     """The fraction of all k-subsets of n samples (c correct) that contain a correct one."""
@@ -24,6 +25,7 @@ def test_pass_at_k_equals_enumeration(n, c, k):
     assert evaluation.pass_at_k(n, c, k) == pytest.approx(expected)
 
 
+@pytest.mark.math
 def test_summary_scores_per_verifier():
     records = [{"dataset": "gsm8k", "scores": [1.0, 0.0]}, {"dataset": "GSM8K", "scores": [1.0, 1.0]},
                {"dataset": "ifeval", "scores": [0.5, 0.0]}]

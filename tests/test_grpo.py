@@ -21,6 +21,7 @@ import grpo  # noqa: E402
 TINY = str(ROOT / "assets" / "tiny")
 
 
+@pytest.mark.math
 def test_group_advantages_match_the_formulas():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.25, 1.0, 1.0], dtype=torch.float64)
     groups = [rewards[i:i + 4].tolist() for i in range(0, 12, 4)]
@@ -37,6 +38,7 @@ def test_group_advantages_match_the_formulas():
     assert (grpo.group_advantages(rewards, 4, "group")[0][4:8] == 0).all()  # no signal, no NaN
 
 
+@pytest.mark.math
 def test_clipped_surrogate_and_kl_per_token():
     logp = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5, 0.2, 0.2]))
     ratios = torch.tensor([0.7, 0.7, 1.4, 1.4, 1.1, 1.0])
@@ -53,6 +55,7 @@ def test_clipped_surrogate_and_kl_per_token():
     assert high.tolist() == [False, False, True, False, False, False]
 
 
+@pytest.mark.math
 def test_one_iteration_ratio_is_exactly_one_and_the_gradient_is_the_policy_gradient():
     logp = torch.randn(7, dtype=torch.float64, requires_grad=True)
     adv = torch.randn(7, dtype=torch.float64)
@@ -63,6 +66,7 @@ def test_one_iteration_ratio_is_exactly_one_and_the_gradient_is_the_policy_gradi
     torch.testing.assert_close(logp.grad, -adv)
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_loss_types_match_their_definitions_when_split_over_ranks_and_micro_batches(loss_type):
     """The token weights, summed piecewise over 2 ranks x 2 micro-batches, give the loss TRL writes on

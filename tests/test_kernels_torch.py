@@ -6,6 +6,8 @@ import torch
 import kernels.reference
 from kernels import linear_logprobs
 
+pytestmark = pytest.mark.math
+
 
 def plain(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=True):
     """logp and entropy in fp64 through a full log_softmax (entropy is always returned; with_entropy
