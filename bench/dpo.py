@@ -168,6 +168,8 @@ def main():
                         help="a 2-layer, 64-wide model, at most 2 pairs x (16 + 16) tokens: checks the script on CPU")
     parser.add_argument("--worker", choices=["nanopost", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error("--steps must be >= 4 (2 warmup steps, then at least 2 timed ones)")
     if args.small:
         args.pairs, args.prompt_len, args.completion_len = min(args.pairs, 2), min(args.prompt_len, 16), \
             min(args.completion_len, 16)
