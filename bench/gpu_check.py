@@ -416,7 +416,8 @@ def main():
     available = {m: importlib.util.find_spec(m) is not None for m in ("pytest", *OPTIONAL)}
     if not args.cpu_smoke and any(s.group == "scripts" for s in steps):
         make_model_dir(work / "model")
-    print(f"gpu_check: {len(steps)} steps, results in {out}", flush=True)
+    print(f"gpu_check: {len(steps)} steps, results in {out}" + (f", runs in {work}" if args.keep_work else ""),
+          flush=True)
     existing = load_records(out)
     order = max((r.get("order", 0) for r in existing), default=0)
     try:

@@ -163,3 +163,11 @@ def test_cpu_smoke_runs_steps_and_rebuilds_its_summary(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--summarize", str(out)], check=True,
                    cwd=ROOT, capture_output=True)
     assert (out / "summary.md").read_text() == md
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_every_benchmark_starts_without_a_gpu(script):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage" in result.stdout.lower()
