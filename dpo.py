@@ -108,7 +108,8 @@ class Args:
     label_smoothing: float = 0.0
     """cDPO: assumed probability that a preference label is flipped (sigmoid, dpo_norm, simpo)"""
     simpo_gamma_beta_ratio: float = 0.5
-    """SimPO's target reward margin gamma, as a ratio gamma / beta (TRL's default)"""
+    """SimPO's target reward margin gamma, as the ratio gamma / beta of the SimPO code (TRL's CPO
+    `simpo_gamma` is gamma itself: simpo_gamma = this x beta)"""
     ref_cache_dir: str | None = None
     """directory of reference log-prob caches, ref_logps_<key>.pt (None: --output_dir)"""
     ref_cache: str | None = None
@@ -175,9 +176,11 @@ AVERAGED = ("ipo", "dpo_norm", "simpo")  # loss types on token-averaged log-prob
 def preference_loss(args, policy_logps, ref_logps, n_tokens):
     """The --loss_type loss of a batch of pairs. policy_logps and ref_logps (None for simpo) are
     summed response log-probs [B, 2] (chosen, rejected), n_tokens the response lengths [B, 2].
-    Returns per-pair losses [B], the implicit rewards of chosen and rejected [B] (beta * log-ratio
-    to the reference; SimPO: beta * average log-prob), as TRL reports them, and the policy
-    log-probs the loss used [B, 2] (averaged for ipo, dpo_norm and simpo)."""
+    Returns per-pair losses [B], the implicit rewards of chosen and rejected [B], and the policy
+    log-probs the loss used [B, 2] (averaged for ipo, dpo_norm and simpo). The rewards are beta x
+    the log-ratio to the reference of the log-probs the loss used: summed for sigmoid, as TRL logs
+    them; length-averaged for dpo_norm and ipo, a factor of the response length smaller than the
+    summed log-ratios TRL logs; SimPO: beta x average log-prob, as TRL's CPO logs them."""
     if args.loss_type in AVERAGED:
         policy_logps = policy_logps / n_tokens
         ref_logps = ref_logps / n_tokens if ref_logps is not None else None

@@ -5,8 +5,8 @@
 
 Both train a randomly initialized Qwen2.5-0.5B-shaped model (hidden 896, 24 layers, 14 heads, 2 KV
 heads, vocab 151936, tied embeddings) on the same random token pairs: per step 8 pairs, each a
-512-token prompt with a 512-token chosen and a 512-token rejected response, so 16,384 tokens
-(the anchor configuration of DESIGN.md, measured as TRL 61k tok/s and 25.9 GiB on an H100).
+512-token prompt with a 512-token chosen and a 512-token rejected response, so 16,384 tokens.
+The anchor, TRL's DPOTrainer measured this way on one H100 80GB: 61k tokens/s at a 25.9 GiB peak.
 
 - nanopost runs dpo.py's own pieces: SequenceLogprobs under FSDP2 (bf16 params, fp32 master
   weights and reduction), the fused head from kernels/, preference_loss (sigmoid), gradient
@@ -14,7 +14,7 @@ heads, vocab 151936, tied embeddings) on the same random token pairs: per step 8
   The reference log-probs are precomputed by one no-grad pass, as dpo.py does once and caches;
   that pass is timed too, and `amortized` is the throughput with it included (each pair seen once).
 - TRL runs DPOTrainer with a reference model (its default: reference log-probs in every step),
-  bf16, no gradient checkpointing, per_device_train_batch_size 8.
+  bf16, no gradient checkpointing, per_device_train_batch_size 8; only if trl is installed.
 
 Each implementation runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated,
 reset before the first step) is its own. A step's time is the median over the steps after 2
@@ -22,6 +22,7 @@ warmup steps, with the GPU synchronized. Prints one JSON line per implementation
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -53,6 +54,11 @@ def random_pairs(n, prompt_len, completion_len):
     rng = random.Random(0)
     draw = lambda k: [rng.randrange(10, VOCAB - 10) for _ in range(k)]  # noqa: E731
     return [(draw(prompt_len), draw(completion_len), draw(completion_len)) for _ in range(n)]
+
+
+def pythonpath():
+    """This checkout first, then whatever PYTHONPATH already holds (packages installed with --target)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def sync():
@@ -158,9 +164,15 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=512)
     parser.add_argument("--completion_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8, help="steps per implementation (the first 2 are warmup)")
-    parser.add_argument("--small", action="store_true", help="a 2-layer, 64-wide model: checks the script on CPU")
+    parser.add_argument("--small", action="store_true",
+                        help="a 2-layer, 64-wide model, at most 2 pairs x (16 + 16) tokens: checks the script on CPU")
     parser.add_argument("--worker", choices=["nanopost", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error("--steps must be >= 4 (2 warmup steps, then at least 2 timed ones)")
+    if args.small:
+        args.pairs, args.prompt_len, args.completion_len = min(args.pairs, 2), min(args.prompt_len, 16), \
+            min(args.completion_len, 16)
 
     if args.worker:
         result = {"nanopost": run_nanopost, "trl": run_trl}[args.worker](args)
@@ -170,16 +182,22 @@ def main():
 
     if not torch.cuda.is_available() and not args.small:
         sys.exit("bench/dpo.py needs a CUDA GPU (--small runs a 2-layer model anywhere, to check the script)")
-    results = []
+    results, failed = [], []
     for impl in args.impls:
+        if impl == "trl" and importlib.util.find_spec("trl") is None:
+            print(json.dumps({"impl": impl, "skipped": "trl is not installed"}), flush=True)
+            continue
         cmd = [sys.executable, __file__, "--worker", impl, "--pairs", str(args.pairs), "--prompt_len",
                str(args.prompt_len), "--completion_len", str(args.completion_len), "--steps", str(args.steps)] + \
             (["--small"] if args.small else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+                              env={**os.environ, "PYTHONPATH": pythonpath(), "WANDB_MODE": "disabled"})
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"{impl} failed ({proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            print(json.dumps({"impl": impl, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}),
+                  flush=True)
+            failed.append(impl)
             continue
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
         print(json.dumps(results[-1]), flush=True)
@@ -191,10 +209,12 @@ def main():
         print(f"| {r['impl']} | {r['tokens_per_s']:,} | {r['peak_GiB']} | {r.get('ref_pass_tokens_per_s', '-')} | "
               f"{r.get('amortized_tokens_per_s', '-')} |")
     by_impl = {r["impl"]: r for r in results}
-    if {"nanopost", "trl"} <= by_impl.keys():
+    if {"nanopost", "trl"} <= by_impl.keys() and torch.cuda.is_available():
         print(f"\nnanopost / TRL: {by_impl['nanopost']['tokens_per_s'] / by_impl['trl']['tokens_per_s']:.2f}x tokens/s "
               f"({by_impl['nanopost']['amortized_tokens_per_s'] / by_impl['trl']['tokens_per_s']:.2f}x with the "
               f"reference pass amortized), {by_impl['nanopost']['peak_GiB'] / by_impl['trl']['peak_GiB']:.2f}x memory")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ generation vs training seconds and rollout tokens/s, read from the run's metrics
 
     python bench/ppo_rlvr.py                       # 8 prompts x 256 new tokens per step
     python bench/ppo_rlvr.py --prompts 64 --max_new_tokens 512
+    python bench/ppo_rlvr.py --small               # a 2-layer, 64-wide model: checks the script on CPU
 
 Completions come from a random model, so they run to --max_new_tokens (the worst case for
-generation). The anchor to compare with is TRL's PPOTrainer measured in the same GPU call, as
-/work/shared/anchors/anchor_trl.py does for DPO and GRPO.
+generation). There is no anchor here: TRL's PPO trainer needs a trained reward model where
+ppo_rlvr.py scores with verifiers, so the two do not run the same step.
 """
 
 import argparse
@@ -28,12 +29,17 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="PPO steps; the median of all but the first is reported")
     parser.add_argument("--num_ppo_epochs", type=int, default=1)
+    parser.add_argument("--small", action="store_true",
+                        help="a 2-layer, 64-wide model, 2 prompts x 8 new tokens: checks the script on CPU")
     args = parser.parse_args()
+    if args.small:
+        args.prompts, args.max_new_tokens = min(args.prompts, 2), min(args.max_new_tokens, 8)
 
     work = tempfile.mkdtemp(prefix="bench_ppo_")
     model_dir = os.path.join(work, "model")
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) if args.small \
+        else dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
+    config = Qwen2Config(vocab_size=151936, **shape, num_key_value_heads=2, max_position_embeddings=32768,
                          tie_word_embeddings=True, rope_theta=1e6)
     config.save_pretrained(model_dir)  # config only: ppo_rlvr.py initializes it randomly
     AutoTokenizer.from_pretrained(os.path.join(ROOT, "assets", "tiny")).save_pretrained(model_dir)
@@ -48,11 +54,12 @@ def main():
            "--eval_dataset", "None", "--max_steps", str(args.steps), "--per_device_batch_size", str(args.prompts),
            "--num_ppo_epochs", str(args.num_ppo_epochs), "--max_new_tokens", str(args.max_new_tokens),
            "--max_prompt_len", "512", "--output_dir", out]
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": pythonpath})
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "objective/kl" in line][1:]
     median = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
     generation, training = median("perf/generation_seconds"), median("perf/training_seconds")
-    print(json.dumps({"method": "nanopost_ppo_rlvr", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+    print(json.dumps({"impl": "nanopost", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
                       "num_ppo_epochs": args.num_ppo_epochs, "step_s": round(generation + training, 3),
                       "generation_s": round(generation, 3), "training_s": round(training, 3),
                       "rollout_tokens_per_s": round(median("perf/rollout_tokens_per_second")),

@@ -5,7 +5,8 @@
 Inputs: GSM8K reference solutions (tests/data) against bare answers, R1-style MATH completions
 with a few hundred characters of reasoning and a boxed answer (right and wrong, numbers and
 expressions), IFEval responses of about 150 words against single and multi-constraint ground
-truths, and <think> completions for the format check. One process, one thread.
+truths, and <think> completions for the format check. One process, one thread. Prints one JSON
+line per verifier, then a table.
 """
 
 import argparse
@@ -75,10 +76,15 @@ def main():
     parser.add_argument("--seconds", type=float, default=1.0, help="time spent per verifier")
     args = parser.parse_args()
     suites = {"gsm8k": gsm8k_pairs(), "math": math_pairs(), "ifeval": ifeval_pairs(), "format": format_pairs()}
-    print(f"{'verifier':<10} {'pairs':>6} {'verifications/s':>16} {'us/call':>9}")
+    rows = []
     for name, pairs in suites.items():
         rate, micros = measure(name, pairs, args.seconds)
-        print(f"{name:<10} {len(pairs):>6} {rate:>16,.0f} {micros:>9.1f}")
+        rows.append((name, len(pairs), rate, micros))
+        print(json.dumps({"impl": "nanopost", "verifier": name, "pairs": len(pairs),
+                          "verifications_per_s": round(rate), "us_per_call": round(micros, 1)}), flush=True)
+    print(f"\n{'verifier':<10} {'pairs':>6} {'verifications/s':>16} {'us/call':>9}")
+    for name, n_pairs, rate, micros in rows:
+        print(f"{name:<10} {n_pairs:>6} {rate:>16,.0f} {micros:>9.1f}")
 
 
 if __name__ == "__main__":

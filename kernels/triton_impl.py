@@ -33,16 +33,34 @@ def deterministic_default():
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("NANOPOST_DETERMINISTIC") == "1"
 
 
-def _config(device):
-    """Fixed tile sizes (the interpreter cannot autotune). tl.dot needs every block dim >= 16."""
-    if device.type != "cuda":  # CPU tensors mean the interpreter: tiny tests, many ragged edges
-        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16), {}
+def launch_config(dtype, shared_memory):
+    """(tile sizes, launch options) on a CUDA device whose blocks may use `shared_memory` bytes.
+
+    Tiles of 128 rows x 128 vocab columns, walked over H in steps of 64 bf16/fp16 or 32 fp32
+    elements, so that a pipeline stage holds the same 32 KiB in every dtype. The fp32 backward also
+    keeps its 64 KiB logit-gradient tile in shared memory: with 3 stages it needs up to 128 KiB,
+    more than a block may use on sm_86 and sm_89 (99 KiB), where it pipelines 2 stages instead.
+    tests/test_kernels_aot.py compiles every kernel with these for sm_80, sm_89 and sm_90 and checks
+    that each fits; kernels/README.md lists what each uses.
+    """
+    if dtype == torch.float32:
+        stages = 3 if shared_memory >= 128 * 1024 else 2
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=stages)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64), dict(num_warps=8, num_stages=3)
 
 
-def _dot_precision():
-    # fp32 inputs follow torch's TF32 switch; bf16/fp16 tiles ignore it
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _device_config(tensor):
+    """(tile sizes, launch options, SM count) for `tensor`'s device. Off CUDA (the interpreter: tiny
+    tests, many ragged edges) 16-wide tiles, the least tl.dot allows."""
+    if not tensor.is_cuda:
+        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16), {}, 4
+    props = torch.cuda.get_device_properties(tensor.device)
+    return (*launch_config(tensor.dtype, props.shared_memory_per_block_optin), props.multi_processor_count)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs follow torch's TF32 switch; bf16/fp16 tiles are exact products either way
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -169,14 +187,20 @@ def _backward_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr, 
             tl.debug_barrier()
 
 
-def _forward(hidden, weight, targets, inv_temperature, with_entropy):
+# the backward's passes, as constexprs of _backward_kernel: which gradients a program accumulates,
+# how it walks its tiles, and whether it adds atomically
+ATOMIC_PASS = dict(STEP_N=0, STEP_V=0, GRAD_HIDDEN=True, GRAD_WEIGHT=True, ATOMIC=True)
+GRAD_HIDDEN_PASS = dict(STEP_N=0, STEP_V=1, GRAD_HIDDEN=True, GRAD_WEIGHT=False, ATOMIC=False)
+GRAD_WEIGHT_PASS = dict(STEP_N=1, STEP_V=0, GRAD_HIDDEN=False, GRAD_WEIGHT=True, ATOMIC=False)
+
+
+def _forward(hidden, weight, targets, inv_temperature, with_entropy, config):
     n_rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
-    blocks, launch = _config(hidden.device)
+    blocks, launch, n_sm = config
     n_row_blocks = triton.cdiv(n_rows, blocks["BLOCK_N"])
     n_vocab_blocks = triton.cdiv(vocab, blocks["BLOCK_V"])
     # split the vocab so that about 4 programs per SM run even when N is small
-    n_sm = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 4
     blocks_per_split = triton.cdiv(n_vocab_blocks, min(n_vocab_blocks, triton.cdiv(4 * n_sm, n_row_blocks)))
     n_splits = triton.cdiv(n_vocab_blocks, blocks_per_split)
     parts = torch.empty(4, n_splits, n_rows, dtype=torch.float32, device=hidden.device)
@@ -184,7 +208,7 @@ def _forward(hidden, weight, targets, inv_temperature, with_entropy):
     _forward_kernel[(n_row_blocks, n_splits)](
         hidden, weight, targets, split_max, split_sum_exp, split_sum_exp_shifted, split_target_logit,
         n_rows, vocab, hidden_dim, hidden.stride(0), weight.stride(0), inv_temperature, blocks_per_split,
-        WITH_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(), **blocks, **launch)
+        WITH_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(hidden.dtype), **blocks, **launch)
     row_max = split_max.max(0).values
     rescale = torch.exp(split_max - row_max)
     sum_exp = (split_sum_exp * rescale).sum(0)
@@ -198,15 +222,19 @@ def _forward(hidden, weight, targets, inv_temperature, with_entropy):
     return lse, target_logit, entropy
 
 
-def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, deterministic):
+def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, deterministic,
+              config):
     n_rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
-    blocks, launch = _config(hidden.device)
+    blocks, launch, _ = config
     n_row_blocks = triton.cdiv(n_rows, blocks["BLOCK_N"])
     fp32_grad = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros(n_rows, hidden_dim, **fp32_grad)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    common = dict(HAS_GRAD_ENTROPY=grad_entropy is not None, DOT_PRECISION=_dot_precision(), **blocks, **launch)
+    if grad_entropy is None:
+        entropy = None  # unread without its gradient: one specialization fewer to compile
+    common = dict(HAS_GRAD_ENTROPY=grad_entropy is not None, DOT_PRECISION=_dot_precision(hidden.dtype), **blocks,
+                  **launch)
 
     def launch_tiles(grid, weight_rows, grad_weight_rows, vocab_offset, num_steps, **mode):
         _backward_kernel[grid](
@@ -215,8 +243,7 @@ def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, in
             inv_temperature, num_steps, **mode, **common)
 
     if deterministic:
-        launch_tiles((n_row_blocks, 1), weight, None, 0, triton.cdiv(vocab, blocks["BLOCK_V"]),
-                     STEP_N=0, STEP_V=1, GRAD_HIDDEN=True, GRAD_WEIGHT=False, ATOMIC=False)
+        launch_tiles((n_row_blocks, 1), weight, None, 0, triton.cdiv(vocab, blocks["BLOCK_V"]), **GRAD_HIDDEN_PASS)
     chunk_rows = min(vocab, max(1, GRAD_WEIGHT_CHUNK_ELEMENTS // hidden_dim // blocks["BLOCK_V"]) * blocks["BLOCK_V"])
     chunk_buffer = torch.empty(chunk_rows, hidden_dim, **fp32_grad)  # reused: one chunk alive at a time
     for start in range(0, vocab, chunk_rows):
@@ -224,11 +251,9 @@ def _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, in
         accumulator = chunk_buffer[: end - start].zero_()
         n_vocab_blocks = triton.cdiv(end - start, blocks["BLOCK_V"])
         if deterministic:
-            launch_tiles((1, n_vocab_blocks), weight[start:end], accumulator, start, n_row_blocks,
-                         STEP_N=1, STEP_V=0, GRAD_HIDDEN=False, GRAD_WEIGHT=True, ATOMIC=False)
+            launch_tiles((1, n_vocab_blocks), weight[start:end], accumulator, start, n_row_blocks, **GRAD_WEIGHT_PASS)
         else:
-            launch_tiles((n_row_blocks, n_vocab_blocks), weight[start:end], accumulator, start, 1,
-                         STEP_N=0, STEP_V=0, GRAD_HIDDEN=True, GRAD_WEIGHT=True, ATOMIC=True)
+            launch_tiles((n_row_blocks, n_vocab_blocks), weight[start:end], accumulator, start, 1, **ATOMIC_PASS)
         grad_weight[start:end] = accumulator
     del chunk_buffer, accumulator
     return grad_hidden.to(hidden.dtype), grad_weight
@@ -240,12 +265,13 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         # the kernels assume unit stride along H
         hidden, weight = hidden.contiguous(), weight.contiguous()
         valid = targets != ignore_index
-        lse, target_logit, entropy = _forward(hidden, weight, targets, 1.0 / temperature, with_entropy)
+        config = _device_config(hidden)
+        lse, target_logit, entropy = _forward(hidden, weight, targets, 1.0 / temperature, with_entropy, config)
         logp = torch.where(valid, target_logit - lse, 0.0)
         if with_entropy:
             entropy = torch.where(valid, entropy, 0.0)
         ctx.save_for_backward(hidden, weight, targets, valid, lse, entropy)
-        ctx.temperature, ctx.deterministic = temperature, deterministic
+        ctx.temperature, ctx.deterministic, ctx.config = temperature, deterministic, config
         return logp, entropy
 
     @staticmethod
@@ -255,7 +281,7 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         if grad_entropy is not None:
             grad_entropy = torch.where(valid, grad_entropy.float(), 0.0)
         grad_hidden, grad_weight = _backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy,
-                                             1.0 / ctx.temperature, ctx.deterministic)
+                                             1.0 / ctx.temperature, ctx.deterministic, ctx.config)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

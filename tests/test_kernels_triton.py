@@ -3,7 +3,8 @@ shapes, against the torch reference and a plain fp64 torch computation.
 
 Triton chooses between interpreting and compiling when it is imported, once per process, so this
 module turns the interpreter on before anything imports triton, for the rest of the process
-(tests/test_kernels_gpu.py runs its checks in child processes without it).
+(tests/test_kernels_gpu.py and tests/test_kernels_aot.py do their triton work in child processes
+without it).
 """
 
 import os
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from kernels import triton_impl  # noqa: E402
 from kernels.reference import linear_logprobs_torch  # noqa: E402
+from test_kernels_aot import TARGETS  # noqa: E402
 from test_kernels_torch import make, plain  # noqa: E402
 
 
@@ -68,12 +70,27 @@ def test_matches_reference_and_fp64(n, h, v, temperature, deterministic):
     assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all() and (got[2][ignored] == 0).all()
 
 
-def test_gpu_tile_sizes_on_a_real_vocab(monkeypatch):
-    # the 128-wide tiles used on CUDA, with V = 32001 leaving 1 column in the last block
-    monkeypatch.setattr(triton_impl, "_config", lambda device: (dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64), {}))
-    hidden, weight, targets = make(3, 16, 32001)
+def gpu_tile_sizes():
+    """The distinct tile sizes launch_config picks on each GPU target (launch options do not change
+    what the interpreter computes), with the (target, dtype) pairs that use them."""
+    users = {}
+    for target, limits in TARGETS.items():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            blocks, _ = triton_impl.launch_config(dtype, limits["shared_memory"])
+            users.setdefault(tuple(blocks.items()), []).append(f"{target}-{str(dtype).removeprefix('torch.')}")
+    return [pytest.param(dict(blocks), id="x".join(str(v) for _, v in blocks) + ":" + ",".join(names))
+            for blocks, names in users.items()]
+
+
+@pytest.mark.parametrize("blocks", gpu_tile_sizes())
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_tile_sizes_on_a_real_vocab(monkeypatch, blocks, deterministic):
+    # the tiles used on CUDA, in fp32 numerics: V = 32001 leaves 1 column in the last vocab block,
+    # H half a BLOCK_H step past a whole one, N = 3 rows of a BLOCK_N row block
+    monkeypatch.setattr(triton_impl, "_device_config", lambda tensor: (blocks, {}, 4))
+    hidden, weight, targets = make(3, blocks["BLOCK_H"] + 16, 32001)
     w_logp, w_ent = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.3, -1.0, 0.7])
-    got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent, deterministic=False)
+    got = run(triton_impl.linear_logprobs_triton, hidden, weight, targets, w_logp, w_ent, deterministic=deterministic)
     assert_matches(got, run(plain, hidden.double(), weight.double(), targets, w_logp, w_ent), grad_tol=1e-4)
 
 
