@@ -317,15 +317,18 @@ def micro_batches(rows, indices, rank, world, per_device, max_tokens, packed, pa
     stays small; the micro-batches are dealt out to the ranks in turn."""
     size = {i: (len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])) for i in indices}
     ordered = sorted(indices, key=lambda i: -max(size[i]))
-    chunks = cut(ordered, lambda chunk: sum(map(sum, map(size.get, chunk))) if packed else
-                 2 * len(chunk) * max(size[chunk[0]]), per_device, max_tokens)
+
+    def tokens(chunk):  # what a forward of these pairs processes: their tokens, or 2 x pairs x longest (padded)
+        return sum(sum(size[i]) for i in chunk) if packed else 2 * len(chunk) * max(size[chunk[0]])
+
+    chunks = chunks_of(ordered, tokens, per_device, max_tokens)
     chunks = split_largest(chunks, -(-len(chunks) // world) * world)  # as many on every rank (FSDP's collectives)
     return [(chunk, collate([(rows[i][f"{side}_ids"], rows[i][f"{side}_labels"][1:] + [-100])
                              for side in ("chosen", "rejected") for i in chunk], packed, pad_id))
             for chunk in chunks[rank::world]]
 
 
-def cut(ordered, tokens, per_device, max_tokens):
+def chunks_of(ordered, tokens, per_device, max_tokens):
     """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
     max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
     chunks = []

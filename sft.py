@@ -217,14 +217,17 @@ def micro_batches(rows, indices, lengths, rank, world, per_device, max_tokens, p
     that order, into micro-batches of at most per_device rows and at most max_tokens tokens, so that
     a micro-batch holds similar lengths; the micro-batches are dealt out to the ranks in turn."""
     ordered = sorted(indices, key=lambda i: -lengths[i])
-    chunks = cut(ordered, lambda chunk: sum(lengths[i] for i in chunk) if packed else len(chunk) * lengths[chunk[0]],
-                 per_device, max_tokens)
+
+    def tokens(chunk):  # what a forward of these rows processes: their tokens, or rows x longest (padded)
+        return sum(lengths[i] for i in chunk) if packed else len(chunk) * lengths[chunk[0]]
+
+    chunks = chunks_of(ordered, tokens, per_device, max_tokens)
     chunks = split_largest(chunks, -(-len(chunks) // world) * world)  # as many on every rank (FSDP's collectives)
     return [collate([(rows[i]["input_ids"], rows[i]["labels"][1:] + [-100]) for i in chunk], packed, pad_id)
             for chunk in chunks[rank::world]]
 
 
-def cut(ordered, tokens, per_device, max_tokens):
+def chunks_of(ordered, tokens, per_device, max_tokens):
     """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
     max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
     chunks = []
