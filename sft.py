@@ -4,9 +4,10 @@ The loss is the negative log-likelihood of every assistant turn (its content and
 end-of-turn token) given everything before it; system and user turns are context only. Token
 losses are summed over the global batch (all micro-batches, all ranks) and divided by its number
 of loss tokens, so gradient accumulation and data parallelism give the same update as one big
-batch. Each global batch is sorted by length before it is split into micro-batches, so padding
-stays small. Log-probs come from kernels/ (the head never materializes [tokens, vocab] logits,
-and runs only on loss tokens).
+batch. Each global batch is sorted by length before it is split into micro-batches, and each
+micro-batch's conversations are packed into one row with attention confined to each (FlashAttention's
+varlen_attn on CUDA), so no compute goes to padding. Log-probs come from kernels/ (the head never
+materializes [tokens, vocab] logits, and runs only on loss tokens).
 
 References: Ouyang et al. 2022 (InstructGPT, SFT stage); Lambert et al. 2024 (Tulu 3, the recipe
 whose data format and hyperparameters the defaults follow).
