@@ -23,6 +23,13 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+
+    VARLEN_OPTIONS = inspect.signature(varlen_attn).parameters
+except ImportError:  # torch < 2.9
+    varlen_attn, VARLEN_OPTIONS = None, {}
+
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, s_aux=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
@@ -30,20 +37,17 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     unsupported = {"an attention mask": attention_mask is not None, "attention dropout": bool(dropout),
                    "attention logit softcapping": softcap is not None, "attention sinks": s_aux is not None,
                    "non-causal attention": not getattr(module, "is_causal", True),
-                   "no sequence boundaries (cu_seq_lens_q)": cu_seq_lens_q is None}
+                   "rows without sequence boundaries (cu_seq_lens_q)": cu_seq_lens_q is None}
     if any(unsupported.values()):
         raise ValueError(f"padding-free attention does not support {', '.join(k for k, v in unsupported.items() if v)} "
                          f"({type(module).__name__}); train this model with --no-padding_free")
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
-        options = inspect.signature(varlen_attn).parameters
-        if "window_size" not in options:
+        if "window_size" not in VARLEN_OPTIONS:
             raise ValueError("padding-free attention needs torch.nn.attention.varlen.varlen_attn with window_size "
                              f"(torch >= 2.10, this is {torch.__version__}); pass --no-padding_free")
         # (left, 0) is causal; left = sliding_window - 1 keeps the last sliding_window tokens, as transformers does
         window = (sliding_window - 1 if sliding_window else -1, 0)
-        gqa = {"enable_gqa": True} if "enable_gqa" in options else {}  # older versions take fewer kv heads as is
+        gqa = {"enable_gqa": True} if "enable_gqa" in VARLEN_OPTIONS else {}  # older ones take fewer kv heads as is
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                           window_size=window, **gqa)

@@ -64,9 +64,10 @@ def test_attention_features_it_cannot_honour_are_refused():
     bounds = torch.tensor([0, 3], dtype=torch.int32)
     non_causal = torch.nn.Module()
     non_causal.is_causal = False
-    cases = {"an attention mask": dict(attention_mask=torch.zeros(1, 1, 3, 3)), "attention dropout": dict(dropout=0.1),
-             "attention logit softcapping": dict(softcap=50.0), "attention sinks": dict(s_aux=torch.zeros(2)),
-             "non-causal attention": dict(module=non_causal), "no sequence boundaries": dict(cu_seq_lens_q=None)}
+    cases = {"an attention mask": dict(attention_mask=torch.zeros(1, 1, 3, 3)),
+             "attention dropout": dict(dropout=0.1), "attention logit softcapping": dict(softcap=50.0),
+             "attention sinks": dict(s_aux=torch.zeros(2)), "non-causal attention": dict(module=non_causal),
+             "rows without sequence boundaries": dict(cu_seq_lens_q=None)}
     for message, change in cases.items():
         kwargs = {"module": torch.nn.Module(), "attention_mask": None, "cu_seq_lens_q": bounds, **change}
         with pytest.raises(ValueError, match=f"does not support {message}.*--no-padding_free"):
