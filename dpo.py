@@ -49,9 +49,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kernels import linear_logprobs
+from kernels.packed_attention import packed_attention
+
+AttentionInterface.register("packed", packed_attention)
 
 
 @dataclass
@@ -71,7 +74,10 @@ class Args:
     max_seq_len: int = 256
     """prompt + response are truncated to this many tokens (Tulu 3: 2048)"""
     attn_implementation: str = "sdpa"
-    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+    """attention kernel of the padded path: sdpa, eager, or flash_attention_2 where installed"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
+    FlashAttention, on CUDA): no compute on padding. --no-padding_free: right-padded rows"""
 
     # optimization
     lr: float = 1e-4
@@ -82,6 +88,9 @@ class Args:
     """optimizer steps to run; overrides --num_epochs"""
     per_device_batch_size: int = 16
     """preference pairs per micro-batch on each rank (each pair is two sequences)"""
+    max_tokens_per_micro_batch: int | None = None
+    """also cap micro-batches at this many tokens (padding included), which adds micro-batches to a step
+    of long pairs; the global batch stays per_device_batch_size x grad_accum_steps x world size pairs"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; global batch = this x per_device_batch_size x world size pairs"""
     warmup_ratio: float = 0.1
@@ -334,27 +343,65 @@ def global_batch(step, n_rows, batch_size, seed):
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
 
-def micro_batches(rows, indices, rank, world, accum, per_device, pad_id):
-    """This rank's micro-batches of a global batch of pairs, sorted by length before they are
-    dealt out so that padding stays small. Each is (pair indices [B], input ids [2B, T], next-token
-    targets [2B, T] with -100 = no log-prob): the B chosen sequences, then the B rejected ones,
-    right-padded to the longest. Causal attention never lets a real token see the padding after
-    it, so no attention mask is needed."""
-    ordered = sorted(indices, key=lambda i: -max(len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])))
-    out = []
-    for m in range(accum):
-        start = (m * world + rank) * per_device
-        chunk = ordered[start:start + per_device]
-        sequences = [(rows[i][f"{side}_ids"], rows[i][f"{side}_labels"]) for side in ("chosen", "rejected")
-                     for i in chunk]
-        width = max(len(ids) for ids, _ in sequences)
-        ids = torch.full((len(sequences), width), pad_id)
-        targets = torch.full((len(sequences), width), -100)
-        for b, (row_ids, labels) in enumerate(sequences):
-            ids[b, :len(row_ids)] = torch.tensor(row_ids)
-            targets[b, :len(row_ids) - 1] = torch.tensor(labels[1:])
-        out.append((chunk, ids, targets))
-    return out
+def micro_batches(rows, indices, rank, world, per_device, max_tokens, packed, pad_id):
+    """This rank's micro-batches of a global batch of pairs, as (pair indices [B], batch) with the B
+    chosen sequences, then the B rejected ones (see collate). Pairs are sorted by length and cut, in that
+    order, into micro-batches of at most per_device pairs and at most max_tokens tokens, so that padding
+    stays small; the micro-batches are dealt out to the ranks in turn."""
+    size = {i: (len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])) for i in indices}
+    ordered = sorted(indices, key=lambda i: -max(size[i]))
+
+    def tokens(chunk):  # what a forward of these pairs processes: their tokens, or 2 x pairs x longest (padded)
+        return sum(sum(size[i]) for i in chunk) if packed else 2 * len(chunk) * max(size[chunk[0]])
+
+    chunks = chunks_of(ordered, tokens, per_device, max_tokens)
+    chunks = split_largest(chunks, -(-len(chunks) // world) * world)  # as many on every rank (FSDP's collectives)
+    return [(chunk, collate([(rows[i][f"{side}_ids"], rows[i][f"{side}_labels"][1:] + [-100])
+                             for side in ("chosen", "rejected") for i in chunk], packed, pad_id))
+            for chunk in chunks[rank::world]]
+
+
+def chunks_of(ordered, tokens, per_device, max_tokens):
+    """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
+    max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
+    chunks = []
+    for i in ordered:
+        if chunks and len(chunks[-1]) < per_device and (max_tokens is None or tokens(chunks[-1] + [i]) <= max_tokens):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def split_largest(chunks, n):
+    """Halves the largest chunks until there are n (or every chunk holds one item)."""
+    while len(chunks) < n and any(len(chunk) > 1 for chunk in chunks):
+        k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
+    return chunks
+
+
+def collate(sequences, packed, pad_id):
+    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no
+    log-prob) and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids
+    restarting at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each
+    sequence (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to
+    the longest [N, T]; causal attention never lets a real token see the padding after it."""
+    if packed:
+        lengths = [len(ids) for ids, _ in sequences]
+        bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
+        return {"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
+                "targets": torch.tensor([[t for _, targets in sequences for t in targets]]),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+                "max_length_k": max(lengths)}
+    width = max(len(ids) for ids, _ in sequences)
+    return {"input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sequences]),
+            "targets": torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,13 +417,17 @@ class SequenceLogprobs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, targets):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
+    def forward(self, targets, **inputs):
+        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         flat = targets.flatten()
         keep = flat != -100
         logp, _ = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, flat[keep])
-        sequence = torch.arange(len(targets), device=targets.device).repeat_interleave(targets.shape[1])[keep]
-        return torch.zeros(len(targets), device=logp.device).index_add(0, sequence, logp)
+        # each token's sequence: its row, or in a packed row the span of cu_seq_lens_q it falls in
+        bounds = inputs.get("cu_seq_lens_q")
+        lengths = bounds.diff() if bounds is not None else torch.full((len(targets),), targets.shape[1])
+        sequence = torch.arange(len(lengths)).to(flat.device).repeat_interleave(lengths.to(flat.device),
+                                                                               output_size=len(flat))
+        return torch.zeros(len(lengths), device=logp.device).index_add(0, sequence[keep], logp)
 
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -401,7 +452,7 @@ def shard(lm, mp):
 
 
 @torch.no_grad()
-def all_sequence_logps(model, rows, per_device, rank, world, pad_id, device):
+def all_sequence_logps(model, rows, per_device, packed, rank, world, pad_id, device):
     """Summed log-probs [n, 2] (chosen, rejected) of every pair. Each rank takes every world-th
     micro-batch and the results are summed over ranks; every rank runs the same number of forwards,
     because each forward gathers FSDP shards from all of them."""
@@ -410,8 +461,8 @@ def all_sequence_logps(model, rows, per_device, rank, world, pad_id, device):
     for first in range(0, len(rows), world * per_device):
         start = first + rank * per_device
         chunk = list(range(start, min(start + per_device, len(rows)))) or [0]  # an idle rank still joins
-        (chunk, ids, targets), = micro_batches(rows, chunk, 0, 1, 1, len(chunk), pad_id)
-        logps = model(ids.to(device), targets.to(device)).double()
+        (chunk, batch), = micro_batches(rows, chunk, 0, 1, len(chunk), None, packed, pad_id)
+        logps = model(**to_device(batch, device)).double()
         if start < len(rows):
             out[chunk] = torch.stack(logps.split(len(chunk)), 1)
     dist.all_reduce(out)
@@ -498,7 +549,7 @@ def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_i
         meta = {"ref_model": model_fingerprint(args.ref_model or args.model, args.seed),
                 "dataset": args.dataset, "eval_dataset": args.eval_dataset, "max_seq_len": args.max_seq_len,
                 "tokens": data_fingerprint(train_rows + eval_rows), "dtype": str(compute_dtype),
-                "attn_implementation": args.attn_implementation}
+                "attn_implementation": "packed" if args.padding_free else args.attn_implementation}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
         path = args.ref_cache or os.path.join(args.ref_cache_dir or args.output_dir, f"ref_logps_{key[:16]}.pt")
         try:
@@ -514,12 +565,13 @@ def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_i
               f"reference log-probs: one pass of {args.ref_model or args.model} over "
               f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
     if cache is None:
-        ref = shard(load_model(args.ref_model, args.attn_implementation, rank), mp) if args.ref_model else model
+        attention = "packed" if args.padding_free else args.attn_implementation
+        ref = shard(load_model(args.ref_model, attention, rank), mp) if args.ref_model else model
         cache = {"key": key, "meta": meta,
-                 "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, rank, world, pad_id,
-                                             device).cpu(),
-                 "eval": all_sequence_logps(ref, eval_rows, args.per_device_batch_size, rank, world, pad_id,
-                                            device).cpu()}
+                 "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, args.padding_free, rank,
+                                             world, pad_id, device).cpu(),
+                 "eval": all_sequence_logps(ref, eval_rows, args.per_device_batch_size, args.padding_free, rank,
+                                            world, pad_id, device).cpu()}
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             torch.save(cache, path + ".tmp")
@@ -693,6 +745,8 @@ def check_args(args):
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < 1:
+        raise InputError(f"--max_tokens_per_micro_batch must be >= 1, got {args.max_tokens_per_micro_batch}")
     if not 0 <= args.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     for name in ("lr", "beta"):
@@ -751,6 +805,8 @@ def main(args):
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     lm = load_model(args.model, args.attn_implementation, rank)
     lm.config.use_cache = False
+    if args.padding_free:
+        lm.set_attn_implementation("packed")
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard(lm, mp)
@@ -779,7 +835,8 @@ def main(args):
     def evaluate():
         """Held-out preference metrics: mean loss, how often the implicit reward of chosen beats
         rejected (policy vs reference), and how often the policy's own log-prob does."""
-        logps = all_sequence_logps(model, eval_rows, args.per_device_batch_size, rank, world, pad_id, device)
+        logps = all_sequence_logps(model, eval_rows, args.per_device_batch_size, args.padding_free, rank, world,
+                                   pad_id, device)
         losses, chosen_rewards, rejected_rewards, policy = preference_loss(args, logps, ref_eval, eval_lengths)
         return {"eval_loss": losses.mean().item(),
                 "eval_rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
@@ -817,9 +874,9 @@ def main(args):
         n_tokens = sum(len(train_rows[i]["chosen_ids"]) + len(train_rows[i]["rejected_ids"]) for i in indices)
         # sums over this rank's pairs: loss, rewards chosen/rejected, correct, logps chosen/rejected
         totals = torch.zeros(6, dtype=torch.float64, device=device)
-        for chunk, ids, targets in micro_batches(train_rows, indices, rank, world, args.grad_accum_steps,
-                                                 args.per_device_batch_size, pad_id):
-            logps = model(ids.to(device), targets.to(device))
+        for chunk, batch in micro_batches(train_rows, indices, rank, world, args.per_device_batch_size,
+                                          args.max_tokens_per_micro_batch, args.padding_free, pad_id):
+            logps = model(**to_device(batch, device))
             chunk = torch.tensor(chunk, device=device)
             losses, chosen_rewards, rejected_rewards, policy = preference_loss(
                 args, torch.stack(logps.split(len(chunk)), 1), ref_train[chunk] if ref_train is not None else None,

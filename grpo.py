@@ -46,10 +46,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import verifiers
 from kernels import linear_logprobs
+from kernels.packed_attention import packed_attention
+
+AttentionInterface.register("packed", packed_attention)
 
 
 @dataclass
@@ -68,7 +71,10 @@ class Args:
     max_completion_len: int = 32
     """new tokens per completion; one that ends without the end-of-turn token is truncated (real runs: 1024+)"""
     attn_implementation: str = "sdpa"
-    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+    """attention kernel of generation and of the padded path: sdpa, eager, or flash_attention_2 where installed"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
+    FlashAttention, on CUDA): no compute on padding. --no-padding_free: right-padded rows"""
 
     # optimization
     lr: float = 1e-4
@@ -79,6 +85,9 @@ class Args:
     """optimizer steps to run; overrides --num_epochs"""
     per_device_batch_size: int = 32
     """completions per micro-batch on each rank"""
+    max_tokens_per_micro_batch: int | None = None
+    """also cap micro-batches at this many tokens (prompts and padding included), which adds micro-batches
+    to a step of long completions; the completions per step stay the same"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; a rank's completions per step = this x per_device_batch_size,
     a multiple of --num_generations (prompts per step = global completions / num_generations)"""
@@ -323,9 +332,8 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, targets, temperature, with_entropy=False):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False)
-        hidden = hidden.last_hidden_state.flatten(0, 1)
+    def forward(self, targets, temperature, with_entropy=False, **inputs):
+        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         keep = targets.flatten() != -100
         return linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
                                temperature=temperature, with_entropy=with_entropy)
@@ -385,18 +393,55 @@ def sample(gen_lm, prompts, generation, pad_id, eot_id, width=None):
     return completions, truncated
 
 
-def micro_batch(sequences, pad_id):
-    """Right-padded input ids [B, T] and next-token targets [B, T] (-100: no loss) of
-    (prompt_ids, completion_ids, has_loss) triples. Causal attention never lets a real token see the
-    padding after it, so no attention mask is needed."""
-    width = max(len(p) + len(c) for p, c, _ in sequences)
-    ids = torch.full((len(sequences), width), pad_id)
-    targets = torch.full((len(sequences), width), -100)
-    for b, (prompt, completion, has_loss) in enumerate(sequences):
-        ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        if has_loss:
-            targets[b, len(prompt) - 1:len(prompt) + len(completion) - 1] = torch.tensor(completion)
-    return ids, targets
+def micro_batch(sequences, packed, pad_id):
+    """The model inputs (see collate) of (prompt_ids, completion_ids, has_loss) triples: the targets are
+    the completion tokens, or nothing for a completion without loss."""
+    return collate([(prompt + completion, [-100] * (len(prompt) - 1) + completion + [-100] if has_loss else
+                     [-100] * (len(prompt) + len(completion))) for prompt, completion, has_loss in sequences],
+                   packed, pad_id)
+
+
+def chunks_of(ordered, tokens, per_device, max_tokens):
+    """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
+    max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
+    chunks = []
+    for i in ordered:
+        if chunks and len(chunks[-1]) < per_device and (max_tokens is None or tokens(chunks[-1] + [i]) <= max_tokens):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def split_largest(chunks, n):
+    """Halves the largest chunks until there are n (or every chunk holds one item)."""
+    while len(chunks) < n and any(len(chunk) > 1 for chunk in chunks):
+        k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
+    return chunks
+
+
+def collate(sequences, packed, pad_id):
+    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
+    and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
+    at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
+    (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
+    longest [N, T]; causal attention never lets a real token see the padding after it."""
+    if packed:
+        lengths = [len(ids) for ids, _ in sequences]
+        bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
+        return {"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
+                "targets": torch.tensor([[t for _, targets in sequences for t in targets]]),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+                "max_length_k": max(lengths)}
+    width = max(len(ids) for ids, _ in sequences)
+    return {"input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sequences]),
+            "targets": torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def lr_lambda(schedule, total_steps, warmup_steps):
@@ -472,8 +517,9 @@ def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
     """Restores everything save_checkpoint wrote; returns (step, rollout)."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    keys = ("seed", "world_size", "per_device_batch_size", "grad_accum_steps", "num_generations", "num_iterations")
-    saved, now = [state["config"][k] for k in keys], [run_config[k] for k in keys]
+    keys = ("seed", "world_size", "per_device_batch_size", "grad_accum_steps", "num_generations", "num_iterations",
+            "padding_free")
+    saved, now = [state["config"].get(k) for k in keys], [run_config[k] for k in keys]
     if saved != now:
         raise InputError(f"{path} was trained with {dict(zip(keys, saved))}; this run has {dict(zip(keys, now))}: "
                          "the prompts and samples would not continue where they stopped")
@@ -577,6 +623,8 @@ def check_args(args):
                          "each rank samples whole groups")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < 1:
+        raise InputError(f"--max_tokens_per_micro_batch must be >= 1, got {args.max_tokens_per_micro_batch}")
     if not 0 <= args.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     for name in ("lr", "temperature"):
@@ -633,6 +681,8 @@ def main(args):
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     lm = load_model(args.model, args.attn_implementation, rank)
     gen_lm = copy.deepcopy(lm).to(device, compute_dtype).eval()
+    if args.padding_free:  # the policy's and reference's forwards; generation keeps --attn_implementation
+        lm.set_attn_implementation("packed")
     reference = None
     if args.beta > 0:
         reference = shard(copy.deepcopy(lm), mp).eval()
@@ -710,31 +760,37 @@ def main(args):
         weights = token_weights(n_loss_tokens, args.loss_type, int(keep.sum()), int(n_loss_tokens.sum()),
                                 args.max_completion_len)
 
-        # this rank's kept completions in as few micro-batches as the busiest rank needs; every rank
-        # runs the same number (FSDP's collectives), padded with no-loss completions where short
+        # this rank's kept completions, longest first, cut into micro-batches (per_device_batch_size
+        # completions, max_tokens_per_micro_batch tokens); every rank runs as many as the busiest
+        # (FSDP's collectives), splitting its own or adding no-loss completions where short
         offset = rank * len(prompts)
-        mine = [j for j in range(len(prompts)) if keep[offset + j]]
-        n_micro = torch.tensor(max(1, math.ceil(len(mine) / args.per_device_batch_size)), device=device)
+        size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
+        mine = sorted((j for j in range(len(prompts)) if keep[offset + j]), key=lambda j: -size[j])
+
+        def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
+            return sum(size[j] for j in chunk) if args.padding_free else len(chunk) * size[chunk[0]]
+
+        chunks = chunks_of(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch)
+        n_micro = torch.tensor(max(1, len(chunks)), device=device)
         dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-        n_micro = int(n_micro)
-        fillers = [j for j in range(len(prompts)) if not keep[offset + j]][:max(0, n_micro - len(mine))]
-        order = mine + fillers
+        chunks = split_largest(chunks, int(n_micro))
+        chunks += [[j] for j in range(len(prompts)) if not keep[offset + j]][:int(n_micro) - len(chunks)]
         micro_batches = []
-        for chunk in (order[m::n_micro] for m in range(n_micro)):
-            ids, targets = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk], pad_id)
+        for chunk in chunks:
+            batch = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk],
+                                args.padding_free, pad_id)
             # per-completion values repeated over its loss tokens, in the order the policy returns them
             lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
             rows_of = torch.tensor(chunk, dtype=torch.long) + offset
-            micro_batches.append({"ids": ids, "targets": targets,
-                                  "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
+            micro_batches.append({"batch": batch, "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
                                   "weights": weights[rows_of].repeat_interleave(lengths)})
         with torch.no_grad():
             for mb in micro_batches:
-                ids, targets = mb["ids"].to(device), mb["targets"].to(device)
+                batch = to_device(mb["batch"], device)
                 if reference is not None:
-                    mb["ref_logp"] = reference(ids, targets, args.temperature)[0].cpu()
+                    mb["ref_logp"] = reference(**batch, temperature=args.temperature)[0].cpu()
                 if args.num_iterations > 1:
-                    mb["old_logp"] = model(ids, targets, args.temperature)[0].cpu()
+                    mb["old_logp"] = model(**batch, temperature=args.temperature)[0].cpu()
 
         verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
         groups_std = rewards.view(-1, G).std(1)
@@ -783,7 +839,7 @@ def main(args):
         # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens
         sums = torch.zeros(7, dtype=torch.float64, device=device)
         for mb in rollout["micro_batches"]:
-            logp, entropy = model(mb["ids"].to(device), mb["targets"].to(device), args.temperature, with_entropy=True)
+            logp, entropy = model(**to_device(mb["batch"], device), temperature=args.temperature, with_entropy=True)
             # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
             old_logp = mb["old_logp"].to(device) if "old_logp" in mb else logp.detach()
             ref_logp = mb["ref_logp"].to(device) if "ref_logp" in mb else None

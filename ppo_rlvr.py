@@ -60,11 +60,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          GenerationConfig)
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GenerationConfig)
 
 import verifiers
 from kernels import linear_logprobs
+from kernels.packed_attention import packed_attention
+
+AttentionInterface.register("packed", packed_attention)
 
 
 @dataclass
@@ -87,7 +90,10 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probs are recomputed at it"""
     attn_implementation: str = "sdpa"
-    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+    """attention kernel of generation and of the padded path: sdpa, eager, or flash_attention_2 where installed"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
+    FlashAttention, on CUDA): no compute on padding. --no-padding_free: right-padded rows"""
 
     # optimization
     lr: float = 3e-5
@@ -100,6 +106,9 @@ class Args:
     """PPO steps (rollout + update) to run; overrides --num_epochs"""
     per_device_batch_size: int = 16
     """completions per micro-batch on each rank"""
+    max_tokens_per_micro_batch: int | None = None
+    """also cap micro-batches at this many tokens (prompts and padding included), which adds micro-batches
+    to a minibatch of long completions; the minibatches stay the same"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (one minibatch)"""
     num_mini_batches: int = 1
@@ -361,28 +370,22 @@ def global_batch(step, n_rows, batch_size, seed):
 # Models
 
 
-def position_ids(attention_mask):
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 class PolicyLogprobs(torch.nn.Module):
-    """Causal LM -> log-probs (and entropies) of the completion tokens at a temperature. `targets`
-    [B, T] are the last T tokens of `input_ids` (-100 = no token); the head runs here, inside the
-    FSDP root, and only on real targets."""
+    """Causal LM -> log-probs (and entropies) of the completion tokens at a temperature, laid out like
+    `completion_mask` [B, T] (0 elsewhere), from a micro_batch. The head runs here, inside the FSDP
+    root, and only on real targets."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, targets, temperature):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)
+    def forward(self, targets, completion_mask, temperature, **inputs):
+        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         keep = targets.flatten() != -100
         logp, entropy = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
                                         temperature=temperature, with_entropy=True)
-        keep = keep.view(targets.shape)
-        return tuple(torch.zeros(targets.shape, device=x.device).masked_scatter(keep, x) for x in (logp, entropy))
+        return tuple(torch.zeros(completion_mask.shape, device=x.device).masked_scatter(completion_mask, x)
+                     for x in (logp, entropy))
 
 
 class ValueModel(torch.nn.Module):
@@ -393,11 +396,12 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         self.seqcls = seqcls
 
-    def forward(self, input_ids, attention_mask, n_completion):
-        hidden = self.seqcls.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        # a fresh tensor, not a view: FSDP's backward hook on a view is lost if it is written in place
-        return self.seqcls.score(hidden[:, -n_completion - 1:-1]).squeeze(-1).float().clone()
+    def forward(self, targets, completion_mask, **inputs):
+        hidden = self.seqcls.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        values = self.seqcls.score(hidden[targets.flatten() != -100]).squeeze(-1).float()
+        # laid out like completion_mask, in a fresh tensor: FSDP's backward hook on a view is lost if
+        # the view is written in place
+        return torch.zeros(completion_mask.shape, device=values.device).masked_scatter(completion_mask, values)
 
 
 def load_config(name):
@@ -489,17 +493,81 @@ def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, gr
     return query, query_mask, torch.where(mask, completion, pad_id), mask
 
 
-def micro_batch(rollout, rows):
-    """The model inputs for some rows of a rollout: all-padding columns trimmed on both sides,
-    targets = the completion tokens (-100 after the end)."""
-    query, query_mask = rollout["query"][rows], rollout["query_mask"][rows]
-    start = int(query_mask.any(0).int().argmax())
-    completion, mask = rollout["completion"][rows], rollout["mask"][rows]
-    width = int(mask.sum(1).max())
-    completion, mask = completion[:, :width], mask[:, :width]
-    ids = torch.cat([query[:, start:], completion], 1)
-    attention_mask = torch.cat([query_mask[:, start:], mask.long()], 1)
-    return ids, attention_mask, torch.where(mask, completion, -100), mask, width
+def rollout_sequences(query, query_mask, completion, mask):
+    """Each row of a rollout as (token ids, next-token targets) without padding: its prompt and its
+    completion, with the completion tokens as targets (-100 elsewhere)."""
+    sequences = []
+    for ids, real, tokens, n in zip(query.tolist(), query_mask.tolist(), completion.tolist(), mask.sum(1).tolist()):
+        prompt = [t for t, is_real in zip(ids, real) if is_real]
+        sequences.append((prompt + tokens[:n], [-100] * (len(prompt) - 1) + tokens[:n] + [-100]))
+    return sequences
+
+
+def micro_batches(sequences, mask, rows, per_device, max_tokens, packed, pad_id):
+    """Some rows of this rank's rollout, in their order, cut into micro-batches of at most per_device
+    rows and at most max_tokens tokens; every rank runs as many as the busiest (FSDP's collectives),
+    splitting its own where short. Returns (rows, micro_batch) pairs."""
+
+    def tokens(chunk):  # what a forward of these rows processes: their tokens, or rows x longest (padded)
+        lengths = [len(sequences[b][0]) for b in chunk]
+        return sum(lengths) if packed else len(chunk) * max(lengths)
+
+    chunks = chunks_of(rows, tokens, per_device, max_tokens)
+    n_micro = torch.tensor(len(chunks), device=mask.device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    chunks = split_largest(chunks, int(n_micro))
+    return [(chunk, micro_batch(sequences, mask, chunk, packed, pad_id)) for chunk in chunks]
+
+
+def micro_batch(sequences, mask, rows, packed, pad_id):
+    """The model inputs (see collate) of some rows of a rollout, given as rollout_sequences and the
+    completion mask [B, R], with `completion_mask` [rows, T] (T: their longest completion), the layout
+    of the per-token outputs."""
+    width = int(mask[rows].sum(1).max())
+    return {**collate([sequences[b] for b in rows], packed, pad_id), "completion_mask": mask[rows, :width]}
+
+
+def chunks_of(ordered, tokens, per_device, max_tokens):
+    """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
+    max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
+    chunks = []
+    for i in ordered:
+        if chunks and len(chunks[-1]) < per_device and (max_tokens is None or tokens(chunks[-1] + [i]) <= max_tokens):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def split_largest(chunks, n):
+    """Halves the largest chunks until there are n (or every chunk holds one item)."""
+    while len(chunks) < n and any(len(chunk) > 1 for chunk in chunks):
+        k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
+    return chunks
+
+
+def collate(sequences, packed, pad_id):
+    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
+    and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
+    at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
+    (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
+    longest [N, T]; causal attention never lets a real token see the padding after it."""
+    if packed:
+        lengths = [len(ids) for ids, _ in sequences]
+        bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
+        return {"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
+                "targets": torch.tensor([[t for _, targets in sequences for t in targets]]),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+                "max_length_k": max(lengths)}
+    width = max(len(ids) for ids, _ in sequences)
+    return {"input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sequences]),
+            "targets": torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def lr_lambda(schedule, total_steps, warmup_steps):
@@ -680,6 +748,8 @@ def check_args(args):
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < 1:
+        raise InputError(f"--max_tokens_per_micro_batch must be >= 1, got {args.max_tokens_per_micro_batch}")
     for name in ("lr", "temperature", "cliprange", "cliprange_value"):
         if not getattr(args, name) > 0:
             raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -732,11 +802,14 @@ def main(args):
     lm = load_causal_lm(args.model, args.attn_implementation, rank)
     ref_lm = load_causal_lm(args.model, args.attn_implementation, rank)
     seqcls = load_value_model(args.value_model or args.model, args.attn_implementation, rank)
-    generator = AutoModelForCausalLM.from_config(lm.config, attn_implementation=args.attn_implementation,
+    # a config of its own: from_config would share lm's, whose attention --padding_free changes below
+    generator = AutoModelForCausalLM.from_config(load_config(args.model), attn_implementation=args.attn_implementation,
                                                  dtype=compute_dtype).to(device).eval()
     for m in (lm, ref_lm, seqcls):
         m.config.use_cache = False
         disable_dropout(m)
+        if args.padding_free:  # the training and log-prob forwards; generation keeps --attn_implementation
+            m.set_attn_implementation("packed")
         if args.gradient_checkpointing and m is not ref_lm:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy, reference, value_model = PolicyLogprobs(lm), PolicyLogprobs(ref_lm), ValueModel(seqcls)
@@ -814,19 +887,20 @@ def main(args):
         scores = correct * args.verification_reward
         if args.non_stop_penalty is not None:
             scores = torch.where(ended, scores, torch.full_like(scores, args.non_stop_penalty))
-        rollout = {"query": query, "query_mask": query_mask, "completion": completion, "mask": mask}
+        sequences = rollout_sequences(query, query_mask, completion, mask)
 
-        # log-probs and values of the rollout, in the micro-batches of the first PPO minibatch's order
+        # log-probs and values of the rollout, in the micro-batches of the first PPO epoch
         shape = completion.shape
         old_logp, ref_logp, entropy, old_values = (torch.zeros(shape, device=device) for _ in range(4))
         with torch.no_grad():
-            for start in range(0, local_batch, micro):
-                rows_mb = torch.arange(start, start + micro, device=device)
-                ids, attention_mask, targets, _, width = micro_batch(rollout, rows_mb)
-                old_logp[rows_mb, :width], entropy[rows_mb, :width] = policy(ids, attention_mask, targets,
-                                                                            args.temperature)
-                ref_logp[rows_mb, :width] = reference(ids, attention_mask, targets, args.temperature)[0]
-                old_values[rows_mb, :width] = value_model(ids, attention_mask, width)
+            for start in range(0, local_batch, minibatch):
+                for rows_mb, batch in micro_batches(sequences, mask, list(range(start, start + minibatch)), micro,
+                                                    args.max_tokens_per_micro_batch, args.padding_free, pad_id):
+                    batch = to_device(batch, device)
+                    width = batch["completion_mask"].shape[1]
+                    old_logp[rows_mb, :width], entropy[rows_mb, :width] = policy(**batch, temperature=args.temperature)
+                    ref_logp[rows_mb, :width] = reference(**batch, temperature=args.temperature)[0]
+                    old_values[rows_mb, :width] = value_model(**batch)
         maskf = mask.float()
         old_values *= maskf
         kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * maskf
@@ -846,14 +920,15 @@ def main(args):
                 rows_minibatch = order[start:start + minibatch]
                 n_tokens = mask[rows_minibatch].sum().double()
                 dist.all_reduce(n_tokens)
-                for micro_start in range(0, minibatch, micro):
-                    rows_mb = rows_minibatch[micro_start:micro_start + micro]
-                    ids, attention_mask, targets, mb_mask, width = micro_batch(rollout, rows_mb)
-                    logp, token_entropy = policy(ids, attention_mask, targets, args.temperature)
-                    values = value_model(ids, attention_mask, width)
+                for rows_mb, batch in micro_batches(sequences, mask, rows_minibatch.tolist(), micro,
+                                                    args.max_tokens_per_micro_batch, args.padding_free, pad_id):
+                    batch = to_device(batch, device)
+                    logp, token_entropy = policy(**batch, temperature=args.temperature)
+                    values = value_model(**batch)
+                    width = batch["completion_mask"].shape[1]
                     cut = lambda x: x[rows_mb, :width]  # noqa: E731
                     loss, mb_stats = ppo_loss(logp, cut(old_logp), cut(advantages), values, cut(old_values),
-                                              cut(returns), mb_mask.float(), n_tokens, args.cliprange,
+                                              cut(returns), batch["completion_mask"].float(), n_tokens, args.cliprange,
                                               args.cliprange_value, args.vf_coef)
                     # FSDP averages gradients over ranks; scaling by world makes them a global-minibatch sum
                     (loss * world).backward()

@@ -4,9 +4,10 @@ The loss is the negative log-likelihood of every assistant turn (its content and
 end-of-turn token) given everything before it; system and user turns are context only. Token
 losses are summed over the global batch (all micro-batches, all ranks) and divided by its number
 of loss tokens, so gradient accumulation and data parallelism give the same update as one big
-batch. Each global batch is sorted by length before it is split into micro-batches, so padding
-stays small. Log-probs come from kernels/ (the head never materializes [tokens, vocab] logits,
-and runs only on loss tokens).
+batch. Each global batch is sorted by length before it is split into micro-batches, and each
+micro-batch's conversations are packed into one row with attention confined to each (FlashAttention's
+varlen_attn on CUDA), so no compute goes to padding. Log-probs come from kernels/ (the head never
+materializes [tokens, vocab] logits, and runs only on loss tokens).
 
 References: Ouyang et al. 2022 (InstructGPT, SFT stage); Lambert et al. 2024 (Tulu 3, the recipe
 whose data format and hyperparameters the defaults follow).
@@ -37,9 +38,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kernels import linear_logprobs
+from kernels.packed_attention import packed_attention
+
+AttentionInterface.register("packed", packed_attention)
 
 
 @dataclass
@@ -56,7 +60,10 @@ class Args:
     max_seq_len: int = 256
     """conversations are truncated to this many tokens (real runs: 2048-4096)"""
     attn_implementation: str = "sdpa"
-    """attention kernel: sdpa, eager, or flash_attention_2 where installed"""
+    """attention kernel of the padded path: sdpa, eager, or flash_attention_2 where installed"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
+    FlashAttention, on CUDA): no compute on padding. --no-padding_free: right-padded rows"""
 
     # optimization
     lr: float = 3e-3
@@ -67,6 +74,9 @@ class Args:
     """optimizer steps to run; overrides --num_epochs"""
     per_device_batch_size: int = 32
     """sequences per micro-batch on each rank"""
+    max_tokens_per_micro_batch: int | None = None
+    """also cap micro-batches at this many tokens (padding included), which adds micro-batches to a step
+    of long sequences; the global batch stays per_device_batch_size x grad_accum_steps x world size"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; global batch = this x per_device_batch_size x world size"""
     warmup_ratio: float = 0.03
@@ -233,25 +243,62 @@ def global_batch(step, n_rows, batch_size, seed):
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
 
-def micro_batches(rows, indices, lengths, rank, world, accum, per_device, pad_id):
-    """This rank's micro-batches of a global batch. Rows are sorted by length before they are
-    dealt out, so a micro-batch holds similar lengths and little padding. Each is right-padded to
-    its longest row: input ids [B, T] and next-token targets [B, T] (-100 = no loss). Causal
-    attention never lets a real token see the padding after it, so no attention mask is needed."""
+def micro_batches(rows, indices, lengths, rank, world, per_device, max_tokens, packed, pad_id):
+    """This rank's micro-batches of a global batch (see collate). Rows are sorted by length and cut, in
+    that order, into micro-batches of at most per_device rows and at most max_tokens tokens, so that
+    a micro-batch holds similar lengths; the micro-batches are dealt out to the ranks in turn."""
     ordered = sorted(indices, key=lambda i: -lengths[i])
-    out = []
-    for m in range(accum):
-        start = (m * world + rank) * per_device
-        chunk = [rows[i] for i in ordered[start:start + per_device]]
-        width = max(len(row["input_ids"]) for row in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        targets = torch.full((len(chunk), width), -100)
-        for b, row in enumerate(chunk):
-            n = len(row["input_ids"])
-            ids[b, :n] = torch.tensor(row["input_ids"])
-            targets[b, :n - 1] = torch.tensor(row["labels"][1:])
-        out.append((ids, targets))
-    return out
+
+    def tokens(chunk):  # what a forward of these rows processes: their tokens, or rows x longest (padded)
+        return sum(lengths[i] for i in chunk) if packed else len(chunk) * lengths[chunk[0]]
+
+    chunks = chunks_of(ordered, tokens, per_device, max_tokens)
+    chunks = split_largest(chunks, -(-len(chunks) // world) * world)  # as many on every rank (FSDP's collectives)
+    return [collate([(rows[i]["input_ids"], rows[i]["labels"][1:] + [-100]) for i in chunk], packed, pad_id)
+            for chunk in chunks[rank::world]]
+
+
+def chunks_of(ordered, tokens, per_device, max_tokens):
+    """Consecutive runs of `ordered` of at most per_device items and, unless max_tokens is None, at most
+    max_tokens tokens as tokens(run) counts them (an item longer than that gets a run of its own)."""
+    chunks = []
+    for i in ordered:
+        if chunks and len(chunks[-1]) < per_device and (max_tokens is None or tokens(chunks[-1] + [i]) <= max_tokens):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def split_largest(chunks, n):
+    """Halves the largest chunks until there are n (or every chunk holds one item)."""
+    while len(chunks) < n and any(len(chunk) > 1 for chunk in chunks):
+        k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
+    return chunks
+
+
+def collate(sequences, packed, pad_id):
+    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
+    and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
+    at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
+    (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
+    longest [N, T]; causal attention never lets a real token see the padding after it."""
+    if packed:
+        lengths = [len(ids) for ids, _ in sequences]
+        bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
+        return {"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
+                "targets": torch.tensor([[t for _, targets in sequences for t in targets]]),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+                "max_length_k": max(lengths)}
+    width = max(len(ids) for ids, _ in sequences)
+    return {"input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sequences]),
+            "targets": torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +314,8 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, targets):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False)
-        hidden = hidden.last_hidden_state.flatten(0, 1)
+    def forward(self, targets, **inputs):
+        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         keep = targets.flatten() != -100
         logp, _ = linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep])
         return logp
@@ -457,6 +503,8 @@ def check_args(args):
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < 1:
+        raise InputError(f"--max_tokens_per_micro_batch must be >= 1, got {args.max_tokens_per_micro_batch}")
     if not 0 <= args.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.lr <= 0:
@@ -501,6 +549,8 @@ def main(args):
     # model, FSDP2 over each decoder layer and then the root
     lm = load_model(args.model, args.attn_implementation, rank)
     lm.config.use_cache = False
+    if args.padding_free:
+        lm.set_attn_implementation("packed")
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
@@ -538,8 +588,8 @@ def main(args):
                 weight = float(first < len(evals))
                 first = first if weight else 0
                 chunk = list(range(first, min(first + args.per_device_batch_size, len(evals))))
-                (ids, targets), = micro_batches(evals, chunk, eval_lengths, 0, 1, 1, len(chunk), pad_id)
-                logp = model(ids.to(device), targets.to(device))
+                batch, = micro_batches(evals, chunk, eval_lengths, 0, 1, len(chunk), None, args.padding_free, pad_id)
+                logp = model(**to_device(batch, device))
                 totals += weight * torch.stack([-logp.sum().double(), torch.tensor(logp.numel(), device=device)])
         dist.all_reduce(totals)
         model.reshard()  # a no-grad forward leaves the root unsharded
@@ -575,9 +625,9 @@ def main(args):
         n_loss_tokens = sum(train_rows[i]["n_loss"] for i in indices)
         n_tokens = sum(lengths[i] for i in indices)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for ids, targets in micro_batches(train_rows, indices, lengths, rank, world,
-                                          args.grad_accum_steps, args.per_device_batch_size, pad_id):
-            logp = model(ids.to(device), targets.to(device))
+        for batch in micro_batches(train_rows, indices, lengths, rank, world, args.per_device_batch_size,
+                                   args.max_tokens_per_micro_batch, args.padding_free, pad_id):
+            logp = model(**to_device(batch, device))
             # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
             (-logp.sum() * world / n_loss_tokens).backward()
             loss_sum += -logp.detach().sum().double()

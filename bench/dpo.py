@@ -10,7 +10,7 @@ The anchor, TRL's DPOTrainer measured this way on one H100 80GB: 61k tokens/s at
 
 - nanopost runs dpo.py's own pieces: SequenceLogprobs under FSDP2 (bf16 params, fp32 master
   weights and reduction), the fused head from kernels/, preference_loss (sigmoid), gradient
-  clipping and fused AdamW, one micro-batch of 16 sequences (chosen and rejected concatenated).
+  clipping and fused AdamW, one micro-batch of 16 sequences (chosen and rejected) packed into one row.
   The reference log-probs are precomputed by one no-grad pass, as dpo.py does once and caches;
   that pass is timed too, and `amortized` is the throughput with it included (each pair seen once).
 - TRL runs DPOTrainer with a reference model (its default: reference log-probs in every step),
@@ -79,7 +79,7 @@ def run_nanopost(args):
 
     _, _, device = dpo.setup_distributed()
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(qwen_config(args.small), dtype=torch.float32, attn_implementation="sdpa")
+    lm = AutoModelForCausalLM.from_config(qwen_config(args.small), dtype=torch.float32, attn_implementation="packed")
     model = dpo.shard(lm, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
@@ -87,21 +87,21 @@ def run_nanopost(args):
              "rejected_ids": p + r, "rejected_labels": [-100] * len(p) + r}
             for p, c, r in random_pairs(args.pairs, args.prompt_len, args.completion_len)]
     lengths = torch.full((args.pairs, 2), args.completion_len - 0.0, device=device)
-    (chunk, ids, targets), = dpo.micro_batches(rows, list(range(args.pairs)), 0, 1, 1, args.pairs, VOCAB - 1)
-    ids, targets = ids.to(device), targets.to(device)
+    (chunk, batch), = dpo.micro_batches(rows, list(range(args.pairs)), 0, 1, args.pairs, None, True, VOCAB - 1)
+    batch = dpo.to_device(batch, device)
     loss_args = dpo.Args(loss_type="sigmoid", beta=0.1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref_times = []
     for _ in range(args.steps):
         ref_times.append(time.perf_counter())
-        ref = dpo.all_sequence_logps(model, rows, args.pairs, 0, 1, VOCAB - 1, device)
+        ref = dpo.all_sequence_logps(model, rows, args.pairs, True, 0, 1, VOCAB - 1, device)
         sync()
     ref_times.append(time.perf_counter())
 
     times = []
     for _ in range(args.steps):
-        logps = model(ids, targets)
+        logps = model(**batch)
         losses, *_ = dpo.preference_loss(loss_args, torch.stack(logps.split(args.pairs), 1), ref[chunk], lengths)
         (losses.sum() / args.pairs).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -136,9 +136,9 @@ def test_concatenated_batch_equals_separate_sequences():
             row[f"{side}_ids"] = torch.randint(0, 250, (n,)).tolist()
             row[f"{side}_labels"] = [-100] * 3 + row[f"{side}_ids"][3:]
         rows.append(row)
-    (chunk, ids, targets), = dpo.micro_batches(rows, [0, 1], 0, 1, 1, 2, pad_id=0)
-    assert chunk == [1, 0] and ids.shape == (4, 12)  # longest pair first
-    batched = model(ids, targets)
+    (chunk, batch), = dpo.micro_batches(rows, [0, 1], 0, 1, 2, None, False, pad_id=0)
+    assert chunk == [1, 0] and batch["input_ids"].shape == (4, 12)  # longest pair first
+    batched = model(**batch)
     expected = []
     for side in ("chosen", "rejected"):
         for i in chunk:

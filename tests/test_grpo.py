@@ -94,7 +94,8 @@ def test_loss_types_match_their_definitions_when_split_over_ranks_and_micro_batc
 
 def test_micro_batch_targets_are_the_completion_tokens():
     seqs = [([5, 6, 7], [8, 9], True), ([5], [10, 11, 12], True), ([5, 6], [13], False)]
-    ids, targets = grpo.micro_batch(seqs, pad_id=0)
+    batch = grpo.micro_batch(seqs, False, pad_id=0)
+    ids, targets = batch["input_ids"], batch["targets"]
     assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0], [5, 6, 13, 0, 0]]
     # position t predicts token t + 1: targets sit one before each completion token
     assert targets.tolist() == [[-100, -100, 8, 9, -100], [10, 11, 12, -100, -100], [-100] * 5]

@@ -139,9 +139,9 @@ def test_ppo_loss_by_hand_and_global_normalization():
 
 
 def test_left_padded_logprobs_and_values_equal_separate_sequences():
-    """The micro-batch the loop builds (left-padded prompts, completions with junk after their end)
-    gives each completion token the log-prob at temperature T, the entropy and the value that the
-    sequence alone, unpadded, gets from a plain forward with full log_softmax."""
+    """The micro-batch the loop builds from a rollout (left-padded prompts, completions with junk after
+    their end) gives each completion token the log-prob at temperature T, the entropy and the value
+    that the sequence alone, unpadded, gets from a plain forward with full log_softmax."""
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(TINY)
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -157,12 +157,12 @@ def test_left_padded_logprobs_and_values_equal_separate_sequences():
         query[b, 5 - len(p):], query_mask[b, 5 - len(p):] = torch.tensor(p), 1
         completion[b, :len(c)] = torch.tensor(c)
     mask = torch.arange(4)[None] < torch.tensor(lengths)[:, None]
-    rollout = {"query": query, "query_mask": query_mask, "completion": completion, "mask": mask}
-    ids, attention_mask, targets, mb_mask, width = ppo_rlvr.micro_batch(rollout, torch.tensor([1, 2]))
-    assert ids.shape == (2, 3 + 4) and width == 4  # rows 1 and 2: 2 all-padding prompt columns trimmed
+    sequences = ppo_rlvr.rollout_sequences(query, query_mask, completion, mask)
+    batch = ppo_rlvr.micro_batch(sequences, mask, [1, 2], False, pad_id=0)
+    assert batch["input_ids"].shape == (2, 2 + 4) and batch["completion_mask"].shape == (2, 4)  # no prompt padding
     with torch.no_grad():
-        logp, entropy = ppo_rlvr.PolicyLogprobs(lm)(ids, attention_mask, targets, temperature=0.7)
-        values = ppo_rlvr.ValueModel(seqcls)(ids, attention_mask, width)
+        logp, entropy = ppo_rlvr.PolicyLogprobs(lm)(**batch, temperature=0.7)
+        values = ppo_rlvr.ValueModel(seqcls)(**batch)
         for row, b in enumerate([1, 2]):
             seq = torch.tensor([prompts[b] + completions[b]])
             n_prompt, n = len(prompts[b]), lengths[b]

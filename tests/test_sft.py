@@ -68,9 +68,10 @@ def test_padded_micro_batch_equals_separate_sequences():
     rows = [{"input_ids": torch.randint(0, 250, (n,)).tolist(), "labels": torch.randint(0, 250, (n,)).tolist()}
             for n in (9, 5, 12)]
     rows[1]["labels"][:3] = [-100] * 3
-    (ids, targets), = sft.micro_batches(rows, [0, 1, 2], [9, 5, 12], 0, 1, 1, 3, pad_id=0)
+    batch, = sft.micro_batches(rows, [0, 1, 2], [9, 5, 12], 0, 1, 3, None, False, pad_id=0)
+    ids, targets = batch["input_ids"], batch["targets"]
     assert ids.shape == (3, 12) and (targets[2, 4:] == -100).all()  # the 5-token row is padded
-    batched = model(ids, targets)
+    batched = model(**batch)
     separate = []
     for row in rows:  # rows come out longest first
         t = torch.tensor(row["labels"][1:] + [-100])

@@ -1,0 +1,65 @@
+"""Causal attention over packed sequences, for transformers' AttentionInterface.
+
+Padding-free training concatenates a micro-batch's sequences into one row [1, T] whose position
+ids restart at 0 with each sequence, and passes the boundaries to the model's forward as
+`cu_seq_lens_q` [N + 1] (int32, 0 first, T last) and `max_length_q` (the longest sequence):
+
+    AttentionInterface.register("packed", packed_attention)
+    lm.set_attn_implementation("packed")
+    lm.model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+             max_length_q=longest, max_length_k=longest)
+
+Every token attends causally to the tokens of its own sequence only (within the model's sliding
+window, where a layer has one). On CUDA in bf16/fp16 this is PyTorch's FlashAttention over packed
+sequences, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): no padding, no [T, T] mask.
+Elsewhere (CPU, fp32) each sequence goes through `scaled_dot_product_attention` on its own, which
+gives the same numbers as a padded batch. Attention features that varlen_attn lacks (logit
+softcapping, attention sinks, dropout, non-causal layers, an explicit mask) raise a ValueError
+instead of being silently dropped.
+"""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+
+    VARLEN_OPTIONS = inspect.signature(varlen_attn).parameters
+except ImportError:  # torch < 2.9
+    varlen_attn, VARLEN_OPTIONS = None, {}
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, s_aux=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """query [1, H, T, D], key and value [1, H_kv, T, D] (H a multiple of H_kv) -> ([1, T, H, D], None)."""
+    unsupported = {"an attention mask": attention_mask is not None, "attention dropout": bool(dropout),
+                   "attention logit softcapping": softcap is not None, "attention sinks": s_aux is not None,
+                   "non-causal attention": not getattr(module, "is_causal", True),
+                   "rows without sequence boundaries (cu_seq_lens_q)": cu_seq_lens_q is None}
+    if any(unsupported.values()):
+        raise ValueError(f"padding-free attention does not support {', '.join(k for k, v in unsupported.items() if v)} "
+                         f"({type(module).__name__}); train this model with --no-padding_free")
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        if "window_size" not in VARLEN_OPTIONS:
+            raise ValueError("padding-free attention needs torch.nn.attention.varlen.varlen_attn with window_size "
+                             f"(torch >= 2.10, this is {torch.__version__}); pass --no-padding_free")
+        # (left, 0) is causal; left = sliding_window - 1 keeps the last sliding_window tokens, as transformers does
+        window = (sliding_window - 1 if sliding_window else -1, 0)
+        gqa = {"enable_gqa": True} if "enable_gqa" in VARLEN_OPTIONS else {}  # older ones take fewer kv heads as is
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                          window_size=window, **gqa)
+        return out.unsqueeze(0), None
+    bounds = cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        mask = None
+        if sliding_window and end - start > sliding_window:
+            i = torch.arange(end - start, device=query.device)
+            mask = (i[:, None] >= i) & (i[:, None] - i < sliding_window)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            is_causal=mask is None, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))
+    return torch.cat(outputs, 2).transpose(1, 2), None
