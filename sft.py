@@ -63,7 +63,7 @@ class Args:
     """attention kernel of the padded path: sdpa, eager, or flash_attention_2 where installed"""
     padding_free: bool = True
     """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
-    FlashAttention, on CUDA): no compute on padding. --no-padding_free: right-padded rows"""
+    FlashAttention, on CUDA): no compute on padding. --no_padding_free: right-padded rows"""
 
     # optimization
     lr: float = 3e-3

@@ -40,11 +40,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                    "rows without sequence boundaries (cu_seq_lens_q)": cu_seq_lens_q is None}
     if any(unsupported.values()):
         raise ValueError(f"padding-free attention does not support {', '.join(k for k, v in unsupported.items() if v)} "
-                         f"({type(module).__name__}); train this model with --no-padding_free")
+                         f"({type(module).__name__}); train this model with --no_padding_free")
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         if "window_size" not in VARLEN_OPTIONS:
             raise ValueError("padding-free attention needs torch.nn.attention.varlen.varlen_attn with window_size "
-                             f"(torch >= 2.10, this is {torch.__version__}); pass --no-padding_free")
+                             f"(torch >= 2.10, this is {torch.__version__}); pass --no_padding_free")
         # (left, 0) is causal; left = sliding_window - 1 keeps the last sliding_window tokens, as transformers does
         window = (sliding_window - 1 if sliding_window else -1, 0)
         gqa = {"enable_gqa": True} if "enable_gqa" in VARLEN_OPTIONS else {}  # older ones take fewer kv heads as is

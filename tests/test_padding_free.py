@@ -70,7 +70,7 @@ def test_attention_features_it_cannot_honour_are_refused():
              "rows without sequence boundaries": dict(cu_seq_lens_q=None)}
     for message, change in cases.items():
         kwargs = {"module": torch.nn.Module(), "attention_mask": None, "cu_seq_lens_q": bounds, **change}
-        with pytest.raises(ValueError, match=f"does not support {message}.*--no-padding_free"):
+        with pytest.raises(ValueError, match=f"does not support {message}.*--no_padding_free"):
             packed_attention(kwargs.pop("module"), q, q, q, kwargs.pop("attention_mask"), scaling=0.5,
                              max_length_q=3, **kwargs)
     # a Gemma 2 model (attention logit softcapping) stops at its first packed forward
@@ -310,7 +310,7 @@ def test_sft_packed_with_a_token_budget_trains_as_padded(tmp_path):
     evals = write_jsonl(tmp_path / "eval.jsonl", rows)
     common = ["--precision", "fp32", "--lr", "1e-3", "--max_seq_len", "64", "--max_steps", 3, "--eval_every", 3,
               "--eval_dataset", evals]
-    run_script("sft.py", *common, "--no-padding_free", "--per_device_batch_size", 8,
+    run_script("sft.py", *common, "--no_padding_free", "--per_device_batch_size", 8,
                "--output_dir", tmp_path / "padded")
     run_script("sft.py", *common, "--per_device_batch_size", 4, "--max_tokens_per_micro_batch", 80,
                "--output_dir", tmp_path / "packed", nproc=2)
@@ -322,7 +322,7 @@ def test_dpo_packed_with_a_token_budget_trains_as_padded(tmp_path):
     train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:32]), write_jsonl(tmp_path / "eval.jsonl", rows[32:39])
     common = ["--model", TINY, "--precision", "fp32", "--lr", "1e-3", "--max_seq_len", "64", "--beta", 0.5,
               "--max_steps", 2, "--dataset", train, "--eval_dataset", evals]
-    run_script("dpo.py", *common, "--no-padding_free", "--per_device_batch_size", 8,
+    run_script("dpo.py", *common, "--no_padding_free", "--per_device_batch_size", 8,
                "--output_dir", tmp_path / "padded")
     run_script("dpo.py", *common, "--per_device_batch_size", 4, "--max_tokens_per_micro_batch", 160,
                "--output_dir", tmp_path / "packed", nproc=2)
@@ -345,7 +345,7 @@ def test_grpo_packed_with_a_token_budget_trains_as_padded(tmp_path):
     common = ["--model", TINY, "--dataset", word_count_prompts(tmp_path / "prompts.jsonl"), "--eval_dataset", "None",
               "--precision", "fp32", "--num_generations", 4, "--per_device_batch_size", 4, "--grad_accum_steps", 2,
               "--max_completion_len", 12, "--max_steps", 2, "--num_iterations", 2, "--beta", 0.05, "--lr", 1e-3]
-    run_script("grpo.py", *common, "--no-padding_free", "--output_dir", tmp_path / "padded", nproc=2)
+    run_script("grpo.py", *common, "--no_padding_free", "--output_dir", tmp_path / "padded", nproc=2)
     run_script("grpo.py", *common, "--max_tokens_per_micro_batch", 70, "--output_dir", tmp_path / "packed", nproc=2)
     metrics = read_metrics(tmp_path / "packed")
     assert 0 < metrics[1]["reward"] < 1 and math.isfinite(metrics[2]["kl"])
@@ -357,7 +357,7 @@ def test_ppo_packed_with_a_token_budget_trains_as_padded(tmp_path):
     reproduces the rollout's log-probs exactly, micro-batches cut by the token budget included."""
     common = ["--model", TINY, "--eval_dataset", "None", "--precision", "fp32", "--max_new_tokens", 12,
               "--per_device_batch_size", 4, "--grad_accum_steps", 2, "--num_ppo_epochs", 1, "--max_steps", 2]
-    run_script("ppo_rlvr.py", *common, "--no-padding_free", "--output_dir", tmp_path / "padded", nproc=2)
+    run_script("ppo_rlvr.py", *common, "--no_padding_free", "--output_dir", tmp_path / "padded", nproc=2)
     run_script("ppo_rlvr.py", *common, "--max_tokens_per_micro_batch", 70, "--output_dir", tmp_path / "packed", nproc=2)
     metrics = read_metrics(tmp_path / "packed")
     assert all(metrics[step]["val/ratio"] == 1.0 and metrics[step]["policy/approxkl_avg"] == 0 for step in (1, 2))
