@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = "1"
 os.environ["OMP_NUM_THREADS"] = THREADS
 torch.set_num_threads(int(THREADS))
+# The repo first, then whatever was on the path (packages installed with `pip --target` stay visible).
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def run_script(script, *args, nproc=1, timeout=900, check=True):
@@ -27,7 +29,7 @@ def run_script(script, *args, nproc=1, timeout=900, check=True):
     repo root, one thread per process, and returns the CompletedProcess. Past the timeout the whole
     process tree is killed (torchrun's workers too) and the test fails saying so."""
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": PYTHONPATH}
     if nproc == 1:
         cmd = [sys.executable, str(script)]
     else:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_script, write_jsonl
+from conftest import PYTHONPATH, ROOT, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import dpo  # noqa: E402
@@ -154,7 +154,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(script, tmp_path):
     cmd = [sys.executable, script, *model, "--eval_dataset", "None", "--max_steps", "100000", "--output_dir", str(out),
            *map(str, QUICK[script])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and \
             not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
@@ -196,7 +196,7 @@ def test_help_spells_flags_with_underscores_and_both_spellings_work():
             "        print('=== end of', script, flush=True)\n")
     scripts = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "pipeline.py"]
     proc = subprocess.run([sys.executable, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)},
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": PYTHONPATH},
                           timeout=300)
     helps = proc.stdout.split("=== end of")
     assert len(helps) == len(scripts) + 1, proc.stderr[-3000:]

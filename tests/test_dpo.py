@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, read_metrics, run_script, write_jsonl
+from conftest import PYTHONPATH, ROOT, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import dpo  # noqa: E402
@@ -330,7 +330,7 @@ def test_simpo_runs_without_a_reference_and_sigterm_saves(data, tokenizer, tmp_p
            str(data["train"]), "--eval_dataset", str(data["eval"]), "--per_device_batch_size", "4",
            "--save_every", "1000", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and \
             not ((out / "metrics.jsonl").exists() and '"loss"' in (out / "metrics.jsonl").read_text()):

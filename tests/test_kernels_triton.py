@@ -166,7 +166,7 @@ def test_import_kernels_does_not_import_triton_and_cpu_uses_torch():
             "assert 'triton' not in sys.modules, 'triton imported'\n"
             "assert type(logp.grad_fn).__name__ == '_LinearLogprobsBackward', type(logp.grad_fn)\n")
     root = Path(kernels.__file__).parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
 
 

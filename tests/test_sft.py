@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, free_port, read_metrics, run_script, write_jsonl
+from conftest import PYTHONPATH, ROOT, free_port, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import sft  # noqa: E402
@@ -172,7 +172,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "sft.py", *COMMON, "--max_steps", "100000", "--per_device_batch_size", "2", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
