@@ -53,8 +53,8 @@ class Args:
     """dtype the model is loaded and run in. auto = bf16 on CUDA, fp32 on CPU"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step
-    compiled once with torch.compile and replayed; fast on GPUs after a one-time compile) or dynamic (grows
-    with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
+    compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while once)
+    or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     output: str | None = None
     """jsonl of prompts, completions and scores (default: eval_<dataset name>.jsonl beside a local model)"""
     seed: int = 0

@@ -124,8 +124,8 @@ class Args:
     """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
-    step compiled once with torch.compile and replayed; fast on GPUs after a one-time compile) or dynamic
-    (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
+    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
+    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward"""
     seed: int = 1
