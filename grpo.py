@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation import CompileConfig
 
 import verifiers
 from kernels import linear_logprobs
@@ -93,6 +94,12 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype of params in forward/backward and of the generation copy; master weights and grad
     reduction stay fp32. auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
+    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
+    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
     seed: int = 1
@@ -341,6 +348,22 @@ def load_model(name, attn_implementation, rank):
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
+def parameters_to(lm, dtype):
+    """A frozen model's parameters stored in the compute dtype (FSDP would cast them to it in every
+    forward anyway: same results, less memory); buffers such as rotary frequencies stay as built."""
+    for param in lm.parameters():
+        param.data = param.data.to(dtype)
+    return lm
+
+
 def shard(lm, mp, gradient_checkpointing=False):
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -351,11 +374,34 @@ def shard(lm, mp, gradient_checkpointing=False):
     return model
 
 
+def generation_copy(lm, dtype, device, attn_implementation):
+    """A full (unsharded) model of the policy's architecture in `dtype` on `device`, for sampling;
+    refresh_generation_copy fills in the weights. Built from the config alone, so it inherits no
+    sampling defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+
+
+def cache_settings(static):
+    """GenerationConfig fields for the KV cache: always on (whatever the model's config says), and
+    with `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile)
+    and replays it; transformers would compile only on GPUs, this asks it to on any device."""
+    if not static:
+        return {"use_cache": True}
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
+
+
 @torch.no_grad()
 def refresh_generation_copy(model, gen_lm):
     """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
     gathers each parameter once), in place, so that a compiled generation graph stays valid."""
     targets = dict(gen_lm.named_parameters())
+    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
+    if names != set(targets):
+        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         targets[name.removeprefix("lm.")].copy_(full)
@@ -489,16 +535,18 @@ def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
 
 
 def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """Gathers the full weights and writes a Hugging Face directory (safetensors + tokenizer) that
-    from_pretrained and vLLM load; generation stops at the chat template's end-of-turn token."""
+    """Gathers the full weights and writes a Hugging Face directory (safetensors in `dtype` + tokenizer)
+    that from_pretrained and vLLM load, with the source's config (use_cache and all; training
+    changes none of it); generation stops at the chat template's end-of-turn token."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.config.dtype = dtype
         lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
         lm.save_pretrained(tmp, state_dict=state)
+        lm.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
+        lm.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -631,24 +679,23 @@ def main(args):
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    save_dtype = final_dtype(args.model, args.save_dtype)
     lm = load_model(args.model, args.attn_implementation, rank)
-    gen_lm = copy.deepcopy(lm).to(device, compute_dtype).eval()
     reference = None
     if args.beta > 0:
-        reference = shard(copy.deepcopy(lm), mp).eval()
+        reference = shard(parameters_to(copy.deepcopy(lm), compute_dtype), mp).eval()
         reference.requires_grad_(False)
-    lm.config.use_cache = False
     model = shard(lm, mp, args.gradient_checkpointing)
     model.train()
+    gen_lm = generation_copy(lm, compute_dtype, device, args.attn_implementation)
     torch.manual_seed(args.seed + rank)  # each rank samples different completions, reproducibly
-    # On CUDA: a static KV cache, prompts padded to one width, so that generate compiles the decode
-    # step once (CUDA graphs) and replays it; on CPU a dynamic cache and no compilation.
-    static = device.type == "cuda"
+    # a static cache needs one prompt width, so that the compiled decode step is replayed, not recompiled
+    static = args.generation_cache == "static" or (args.generation_cache == "auto" and device.type == "cuda")
     generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   max_new_tokens=args.max_completion_len, eos_token_id=eot_id, pad_token_id=pad_id,
-                                  cache_implementation="static" if static else None)
+                                  **cache_settings(static))
     greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_completion_len, eos_token_id=eot_id,
-                              pad_token_id=pad_id, cache_implementation="static" if static else None)
+                              pad_token_id=pad_id, **cache_settings(static))
     width = args.max_prompt_len if static else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -687,8 +734,6 @@ def main(args):
         rows = [train[i] for i in indices[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
         prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
         completions, truncated = sample(gen_lm, prompts, generation, pad_id, eot_id, width)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         t_generation = time.perf_counter() - t0
 
         # scores of every completion of the global batch: [correct, format, length, truncated]
@@ -839,7 +884,7 @@ def main(args):
         log({"eval/accuracy": accuracy}, step)
         if rank == 0:
             print(f"eval/accuracy {accuracy:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
+    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, save_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
     dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it

@@ -40,6 +40,7 @@ References: Schulman et al. 2017 (PPO); Schulman et al. 2016 (GAE); Ouyang et al
         --eval_dataset None
 """
 
+import copy
 import json
 import math
 import os
@@ -62,6 +63,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig)
+from transformers.generation import CompileConfig
+from transformers.utils import logging as transformers_logging
 
 import verifiers
 from kernels import linear_logprobs
@@ -117,7 +120,13 @@ class Args:
     """gradient clipping by global norm, per model (0 disables)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype in forward/backward (master weights and grad reduction stay fp32); also the dtype of
-    the generation copy. auto = bf16 on CUDA, fp32 on CPU"""
+    the generation copy and the frozen reference. auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
+    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
+    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward"""
     seed: int = 1
@@ -400,11 +409,15 @@ class ValueModel(torch.nn.Module):
         return self.seqcls.score(hidden[:, -n_completion - 1:-1]).squeeze(-1).float().clone()
 
 
+def dropout_rates(config):
+    """The config's dropout probabilities: attention_dropout, hidden_dropout, resid_pdrop, ..."""
+    return {key: value for key, value in config.to_dict().items() if "dropout" in key or key.endswith("pdrop")}
+
+
 def load_config(name):
+    """The model's config with dropout off (modules read their rates when they are built)."""
     config = AutoConfig.from_pretrained(name)
-    for key in list(config.to_dict()):  # dropout off: attention_dropout, hidden_dropout, resid_pdrop, ...
-        if "dropout" in key or key.endswith("pdrop"):
-            setattr(config, key, 0.0)
+    config.update(dict.fromkeys(dropout_rates(config), 0.0))
     return config
 
 
@@ -423,16 +436,40 @@ def load_causal_lm(name, attn_implementation, rank):
                                                 dtype=torch.float32)
 
 
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
+def parameters_to(lm, dtype):
+    """A frozen model's parameters stored in the compute dtype (FSDP would cast them to it in every
+    forward anyway: same results, less memory); buffers such as rotary frequencies stay as built."""
+    for param in lm.parameters():
+        param.data = param.data.to(dtype)
+    return lm
+
+
 def load_value_model(name, attn_implementation, rank):
     """A reward model keeps its score head; a causal LM (or a config only) gets a new one with std
     1/sqrt(H + 1), as open-instruct."""
     config = load_config(name)
     config.num_labels = 1
     if has_weights(name):
-        seqcls, info = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
-            output_loading_info=True)
-        new_head = any(key.startswith("score") for key in info["missing_keys"])
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its report would list the new head as a missing weight
+        try:
+            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
+                output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
+        if missing:
+            raise ValueError(f"value model {name}: no weights for {missing[:5]}")
+        new_head = "score.weight" in info["missing_keys"]
     else:
         seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
                                                                 dtype=torch.float32)
@@ -441,8 +478,8 @@ def load_value_model(name, attn_implementation, rank):
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
             torch.nn.init.zeros_(seqcls.score.bias)
-    elif rank == 0:
-        print(f"value model: kept the score head of {name}")
+    if rank == 0:
+        print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own score head"))
     return seqcls
 
 
@@ -459,19 +496,45 @@ def shard(wrapper, decoder, mp):
     fully_shard(wrapper, mp_policy=mp)
 
 
-def refresh_generator(generator, model):
-    """Copies the sharded policy's full weights into the unsharded generation model."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    missing, unexpected = generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head shares the embedding's storage
-        raise RuntimeError(f"generation copy out of sync: missing {missing}, unexpected {unexpected}")
+def generation_copy(lm, dtype, device, attn_implementation):
+    """A full (unsharded) model of the policy's architecture in `dtype` on `device`, for sampling;
+    refresh_generation_copy fills in the weights. Built from the config alone, so it inherits no
+    sampling defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+
+
+def cache_settings(static):
+    """GenerationConfig fields for the KV cache: always on (whatever the model's config says), and
+    with `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile)
+    and replays it; transformers would compile only on GPUs, this asks it to on any device."""
+    if not static:
+        return {"use_cache": True}
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
 
 
 @torch.no_grad()
-def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, greedy, device):
+def refresh_generation_copy(model, gen_lm):
+    """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
+    gathers each parameter once), in place, so that a compiled generation graph stays valid."""
+    targets = dict(gen_lm.named_parameters())
+    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
+    if names != set(targets):
+        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        targets[name.removeprefix("lm.")].copy_(full)
+
+
+@torch.no_grad()
+def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, greedy, device, static_width=None):
     """Left-padded prompts [B, P] with their attention mask, completions [B, R] (pad after the
-    end-of-turn token) and the completion mask (tokens up to and including it)."""
-    width = max(len(p) for p in prompts)
+    end-of-turn token) and the completion mask (tokens up to and including it). With static_width,
+    prompts are padded to that width and the KV cache is static (see cache_settings)."""
+    width = static_width or max(len(p) for p in prompts)
     query = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     query_mask = torch.zeros_like(query)
     for b, p in enumerate(prompts):
@@ -480,7 +543,8 @@ def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, gr
     query, query_mask = query.to(device), query_mask.to(device)
     # top_k=0 and top_p=1 explicitly: unset, generate() would fill in top_k=50 and not sample from the policy
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else
-                              temperature, top_k=0, top_p=1.0, eos_token_id=eot_id, pad_token_id=pad_id)
+                              temperature, top_k=0, top_p=1.0, eos_token_id=eot_id, pad_token_id=pad_id,
+                              **cache_settings(static_width is not None))
     out = generator.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
     completion = out[:, width:]
     is_end = completion == eot_id
@@ -599,15 +663,18 @@ def load_checkpoint(path, pairs, schedulers, batch_size, seed, world, rank):
 
 
 def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """The policy's full weights as a Hugging Face directory; generation stops at end-of-turn."""
+    """The policy's full weights as a Hugging Face directory (safetensors in `dtype` + tokenizer) that
+    from_pretrained and vLLM load, with the source's config (use_cache and all; main restores the
+    dropout rates it zeroed); generation stops at the chat template's end-of-turn token."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.config.dtype = dtype
         lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
         lm.save_pretrained(tmp, state_dict=state)
+        lm.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
+        lm.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -725,17 +792,16 @@ def main(args):
     total_steps = args.max_steps or args.num_epochs * (len(train) // batch_size)
     total_updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
 
-    # models: policy, frozen reference, value model, all FSDP2; an unsharded policy copy generates
+    # models: policy, frozen reference (the starting policy, stored in the compute dtype), value model,
+    # all FSDP2; an unsharded policy copy generates
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    save_dtype = final_dtype(args.model, args.save_dtype)
     lm = load_causal_lm(args.model, args.attn_implementation, rank)
-    ref_lm = load_causal_lm(args.model, args.attn_implementation, rank)
+    ref_lm = parameters_to(copy.deepcopy(lm), compute_dtype)
     seqcls = load_value_model(args.value_model or args.model, args.attn_implementation, rank)
-    generator = AutoModelForCausalLM.from_config(lm.config, attn_implementation=args.attn_implementation,
-                                                 dtype=compute_dtype).to(device).eval()
     for m in (lm, ref_lm, seqcls):
-        m.config.use_cache = False
         disable_dropout(m)
         if args.gradient_checkpointing and m is not ref_lm:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -743,7 +809,12 @@ def main(args):
     shard(policy, lm.get_decoder(), mp)
     shard(reference, ref_lm.get_decoder(), mp)
     shard(value_model, seqcls.base_model, mp)
+    policy.train()  # from_pretrained returns eval mode, in which gradient checkpointing is skipped
+    value_model.train()
     reference.requires_grad_(False)
+    generator = generation_copy(lm, compute_dtype, device, args.attn_implementation)
+    static_width = args.max_prompt_len if args.generation_cache == "static" or (
+        args.generation_cache == "auto" and device.type == "cuda") else None
     optimizers, schedulers = [], []
     for model, lr in ((policy, args.lr), (value_model, args.value_lr or args.lr)):
         optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
@@ -759,7 +830,7 @@ def main(args):
         start_step = load_checkpoint(path, pairs, schedulers, batch_size, args.seed, world, rank)
         if rank == 0:
             print(f"resumed from {path}")
-    refresh_generator(generator, policy)
+    refresh_generation_copy(policy, generator)
 
     def evaluate():
         """Mean verifier score of greedy completions; each rank takes every world-th prompt."""
@@ -768,7 +839,7 @@ def main(args):
         for start in range(0, len(rows), args.eval_batch_size):
             chunk = rows[start:start + args.eval_batch_size]
             _, _, completion, _ = generate(generator, [r["prompt_ids"] for r in chunk], pad_id, eot_id,
-                                              args.max_new_tokens, 1.0, True, device)
+                                           args.max_new_tokens, 1.0, True, device, static_width)
             for row, ids in zip(chunk, completion):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 total[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
@@ -805,7 +876,8 @@ def main(args):
         indices = global_batch(step - 1, len(train), batch_size, args.seed)
         rows = [train[i] for i in indices[rank * local_batch:(rank + 1) * local_batch]]
         query, query_mask, completion, mask = generate(generator, [r["prompt_ids"] for r in rows], pad_id, eot_id,
-                                                       args.max_new_tokens, args.temperature, False, device)
+                                                       args.max_new_tokens, args.temperature, False, device,
+                                                       static_width)
         t_generated = time.perf_counter()
         ended = (completion == eot_id).any(1)
         correct = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(ids, skip_special_tokens=True),
@@ -865,7 +937,7 @@ def main(args):
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-        refresh_generator(generator, policy)
+        refresh_generation_copy(policy, generator)
 
         # metrics: sums over all ranks, then TRL's averages
         n_updates = args.num_ppo_epochs * args.num_mini_batches
@@ -915,7 +987,8 @@ def main(args):
         log({"eval/accuracy": accuracy}, step)
         if rank == 0:
             print(f"eval/accuracy {accuracy:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), policy, lm, tokenizer, compute_dtype, eot_id, rank)
+    lm.config.update(dropout_rates(AutoConfig.from_pretrained(args.model)))  # final/ gets the source's rates
+    save_hf(os.path.join(args.output_dir, "final"), policy, lm, tokenizer, save_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
     dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it

@@ -80,6 +80,8 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype of params in forward/backward; master weights and grad reduction stay fp32.
     auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
     seed: int = 1
@@ -285,6 +287,14 @@ def load_model(name, attn_implementation, rank):
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
 def lr_lambda(schedule, total_steps, warmup_steps):
     def factor(step):
         if step < warmup_steps:
@@ -387,16 +397,18 @@ def load_checkpoint(path, model, optimizer, scheduler, global_batch_size, seed, 
 
 
 def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """Gathers the full weights and writes a Hugging Face directory (safetensors + tokenizer) that
-    from_pretrained and vLLM load; generation stops at the chat template's end-of-turn token."""
+    """Gathers the full weights and writes a Hugging Face directory (safetensors in `dtype` + tokenizer)
+    that from_pretrained and vLLM load, with the source's config (use_cache and all; training
+    changes none of it); generation stops at the chat template's end-of-turn token."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.config.dtype = dtype
         lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
         lm.save_pretrained(tmp, state_dict=state)
+        lm.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
+        lm.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -499,8 +511,8 @@ def main(args):
     total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
 
     # model, FSDP2 over each decoder layer and then the root
+    save_dtype = final_dtype(args.model, args.save_dtype)
     lm = load_model(args.model, args.attn_implementation, rank)
-    lm.config.use_cache = False
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
@@ -620,7 +632,7 @@ def main(args):
         log({"eval_loss": eval_loss}, step)
         if rank == 0:
             print(f"eval_loss {eval_loss:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
+    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, save_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
     dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it
