@@ -46,10 +46,10 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from kernels import linear_logprobs
 
@@ -384,13 +384,43 @@ class SequenceLogprobs(torch.nn.Module):
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def load_model(name, attn_implementation, rank):
+def load_model(name, attn_implementation):
+    """The full model in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in WEIGHTS):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         config = AutoConfig.from_pretrained(name)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def empty_model(name, attn_implementation, dtype):
+    """The model on the meta device (parameters in `dtype`, no memory until materialize), with the
+    source's generation config, which final/ keeps."""
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn_implementation,
+                                              dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
 
 
 def final_dtype(name, save_dtype):
@@ -524,7 +554,11 @@ def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_i
               f"reference log-probs: one pass of {args.ref_model or args.model} over "
               f"{len(train_rows) + len(eval_rows)} pairs, cached in {path}")
     if cache is None:
-        ref = shard(load_model(args.ref_model, args.attn_implementation, rank), mp) if args.ref_model else model
+        ref = model
+        if args.ref_model:  # loaded as the policy is, its parameters stored in the compute dtype (frozen)
+            ref = shard(empty_model(args.ref_model, args.attn_implementation, compute_dtype), mp)
+            materialize(ref, SequenceLogprobs(load_model(args.ref_model, args.attn_implementation)) if rank == 0
+                        else None, device)
         cache = {"key": key, "meta": meta,
                  "train": all_sequence_logps(ref, train_rows, args.per_device_batch_size, rank, world, pad_id,
                                              device).cpu(),
@@ -736,7 +770,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0) and all else
     stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
@@ -762,10 +796,15 @@ def main(args):
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     save_dtype = final_dtype(args.model, args.save_dtype)
-    lm = load_model(args.model, args.attn_implementation, rank)
+    # built on the meta device, sharded, then filled with the weights that rank 0 alone reads, each rank
+    # receiving only its shards
+    full = SequenceLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
+    lm = empty_model(args.model, args.attn_implementation, torch.float32)
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard(lm, mp)
+    materialize(model, full, device)
+    del full
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -338,14 +338,44 @@ class PolicyLogprobs(torch.nn.Module):
                                temperature=temperature, with_entropy=with_entropy)
 
 
-def load_model(name, attn_implementation, rank):
+def load_model(name, attn_implementation):
+    """The full model in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         config = AutoConfig.from_pretrained(name)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def empty_model(name, attn_implementation, dtype):
+    """The model on the meta device (parameters in `dtype`, no memory until materialize), with the
+    source's generation config, which final/ keeps."""
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn_implementation,
+                                              dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
 
 
 def final_dtype(name, save_dtype):
@@ -356,15 +386,8 @@ def final_dtype(name, save_dtype):
     return AutoConfig.from_pretrained(name).dtype or torch.float32
 
 
-def parameters_to(lm, dtype):
-    """A frozen model's parameters stored in the compute dtype (FSDP would cast them to it in every
-    forward anyway: same results, less memory); buffers such as rotary frequencies stay as built."""
-    for param in lm.parameters():
-        param.data = param.data.to(dtype)
-    return lm
-
-
 def shard(lm, mp, gradient_checkpointing=False):
+    """FSDP2 over each decoder layer, then the root."""
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyLogprobs(lm)
@@ -375,12 +398,18 @@ def shard(lm, mp, gradient_checkpointing=False):
 
 
 def generation_copy(lm, dtype, device, attn_implementation):
-    """A full (unsharded) model of the policy's architecture in `dtype` on `device`, for sampling;
-    refresh_generation_copy fills in the weights. Built from the config alone, so it inherits no
-    sampling defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    """A full (unsharded) model of the policy's architecture in `dtype`, allocated on `device` alone (built
+    on the meta device), for sampling; refresh_generation_copy fills in the weights, and the buffers
+    (rotary frequencies) are the policy's. Built from the config alone, so it inherits no sampling
+    defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
     config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+    with torch.device("meta"):
+        gen_lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    gen_lm.to_empty(device=device)
+    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
+    for name, buffer in lm.named_buffers():
+        gen_lm.get_buffer(name).copy_(buffer)
+    return gen_lm.eval()
 
 
 def cache_settings(static):
@@ -655,7 +684,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
     G = args.num_generations
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
@@ -680,12 +709,19 @@ def main(args):
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     save_dtype = final_dtype(args.model, args.save_dtype)
-    lm = load_model(args.model, args.attn_implementation, rank)
+    # each built on the meta device, sharded, then filled with the weights that rank 0 alone reads, each
+    # rank receiving only its shards; the frozen reference's parameters are stored in the compute dtype
+    # (FSDP would cast them to it in every forward anyway: same results, less memory)
+    full = PolicyLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
+    lm = empty_model(args.model, args.attn_implementation, torch.float32)
+    model = shard(lm, mp, args.gradient_checkpointing)
+    materialize(model, full, device)
     reference = None
     if args.beta > 0:
-        reference = shard(parameters_to(copy.deepcopy(lm), compute_dtype), mp).eval()
+        reference = shard(empty_model(args.model, args.attn_implementation, compute_dtype), mp).eval()
+        materialize(reference, full, device)
         reference.requires_grad_(False)
-    model = shard(lm, mp, args.gradient_checkpointing)
+    del full
     model.train()
     gen_lm = generation_copy(lm, compute_dtype, device, args.attn_implementation)
     torch.manual_seed(args.seed + rank)  # each rank samples different completions, reproducibly

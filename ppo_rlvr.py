@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -426,14 +426,50 @@ def has_weights(name):
     return not os.path.isdir(name) or any(os.path.exists(os.path.join(name, f)) for f in files)
 
 
-def load_causal_lm(name, attn_implementation, rank):
+def load_causal_lm(name, attn_implementation):
+    """The full policy in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     config = load_config(name)
     if not has_weights(name):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, config=config, attn_implementation=attn_implementation,
                                                 dtype=torch.float32)
+
+
+def empty_model(name, attn_implementation, dtype, value_model=False):
+    """The policy, or the value model (a score head with one output), on the meta device with dropout off:
+    parameters in `dtype`, no memory until materialize. The policy has the source's generation config,
+    which final/ keeps."""
+    config = load_config(name)
+    if value_model:
+        config.num_labels = 1
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
+                                                                  dtype=dtype)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
 
 
 def final_dtype(name, save_dtype):
@@ -444,17 +480,9 @@ def final_dtype(name, save_dtype):
     return AutoConfig.from_pretrained(name).dtype or torch.float32
 
 
-def parameters_to(lm, dtype):
-    """A frozen model's parameters stored in the compute dtype (FSDP would cast them to it in every
-    forward anyway: same results, less memory); buffers such as rotary frequencies stay as built."""
-    for param in lm.parameters():
-        param.data = param.data.to(dtype)
-    return lm
-
-
-def load_value_model(name, attn_implementation, rank):
-    """A reward model keeps its score head; a causal LM (or a config only) gets a new one with std
-    1/sqrt(H + 1), as open-instruct."""
+def load_value_model(name, attn_implementation):
+    """The full value model in fp32, which rank 0 alone reads: a reward model keeps its score head; a causal
+    LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
     config = load_config(name)
     config.num_labels = 1
     if has_weights(name):
@@ -478,8 +506,7 @@ def load_value_model(name, attn_implementation, rank):
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
             torch.nn.init.zeros_(seqcls.score.bias)
-    if rank == 0:
-        print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own score head"))
+    print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own score head"))
     return seqcls
 
 
@@ -497,12 +524,18 @@ def shard(wrapper, decoder, mp):
 
 
 def generation_copy(lm, dtype, device, attn_implementation):
-    """A full (unsharded) model of the policy's architecture in `dtype` on `device`, for sampling;
-    refresh_generation_copy fills in the weights. Built from the config alone, so it inherits no
-    sampling defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    """A full (unsharded) model of the policy's architecture in `dtype`, allocated on `device` alone (built
+    on the meta device), for sampling; refresh_generation_copy fills in the weights, and the buffers
+    (rotary frequencies) are the policy's. Built from the config alone, so it inherits no sampling
+    defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
     config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+    with torch.device("meta"):
+        gen_lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    gen_lm.to_empty(device=device)
+    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
+    for name, buffer in lm.named_buffers():
+        gen_lm.get_buffer(name).copy_(buffer)
+    return gen_lm.eval()
 
 
 def cache_settings(static):
@@ -774,7 +807,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
@@ -792,15 +825,16 @@ def main(args):
     total_steps = args.max_steps or args.num_epochs * (len(train) // batch_size)
     total_updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
 
-    # models: policy, frozen reference (the starting policy, stored in the compute dtype), value model,
-    # all FSDP2; an unsharded policy copy generates
+    # models: policy, frozen reference (the starting policy, stored in the compute dtype), value model, all
+    # built on the meta device, sharded with FSDP2, then filled with the weights that rank 0 alone reads, each
+    # rank receiving only its shards; an unsharded policy copy generates
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     save_dtype = final_dtype(args.model, args.save_dtype)
-    lm = load_causal_lm(args.model, args.attn_implementation, rank)
-    ref_lm = parameters_to(copy.deepcopy(lm), compute_dtype)
-    seqcls = load_value_model(args.value_model or args.model, args.attn_implementation, rank)
+    lm = empty_model(args.model, args.attn_implementation, torch.float32)
+    ref_lm = empty_model(args.model, args.attn_implementation, compute_dtype)
+    seqcls = empty_model(args.value_model or args.model, args.attn_implementation, torch.float32, value_model=True)
     for m in (lm, ref_lm, seqcls):
         disable_dropout(m)
         if args.gradient_checkpointing and m is not ref_lm:
@@ -809,7 +843,13 @@ def main(args):
     shard(policy, lm.get_decoder(), mp)
     shard(reference, ref_lm.get_decoder(), mp)
     shard(value_model, seqcls.base_model, mp)
-    policy.train()  # from_pretrained returns eval mode, in which gradient checkpointing is skipped
+    full = PolicyLogprobs(load_causal_lm(args.model, args.attn_implementation)) if rank == 0 else None
+    materialize(policy, full, device)
+    materialize(reference, full, device)
+    del full
+    materialize(value_model, ValueModel(load_value_model(args.value_model or args.model, args.attn_implementation))
+                if rank == 0 else None, device)
+    policy.train()  # in eval mode gradient checkpointing would be skipped
     value_model.train()
     reference.requires_grad_(False)
     generator = generation_copy(lm, compute_dtype, device, args.attn_implementation)

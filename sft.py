@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from kernels import linear_logprobs
 
@@ -277,14 +277,44 @@ class PolicyLogprobs(torch.nn.Module):
         return logp
 
 
-def load_model(name, attn_implementation, rank):
+def load_model(name, attn_implementation):
+    """The full model in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         config = AutoConfig.from_pretrained(name)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def empty_model(name, attn_implementation, dtype):
+    """The model on the meta device (parameters in `dtype`, no memory until materialize), with the
+    source's generation config, which final/ keeps."""
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn_implementation,
+                                              dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
 
 
 def final_dtype(name, save_dtype):
@@ -491,7 +521,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0) and all else
     stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
@@ -510,9 +540,11 @@ def main(args):
                          f"({batch_size} = per_device_batch_size x grad_accum_steps x world size)")
     total_steps = args.max_steps or args.num_epochs * (len(train_rows) // batch_size)
 
-    # model, FSDP2 over each decoder layer and then the root
+    # model: built on the meta device, sharded (FSDP2 over each decoder layer, then the root), then filled
+    # with the weights that rank 0 alone reads, each rank receiving only its shards
     save_dtype = final_dtype(args.model, args.save_dtype)
-    lm = load_model(args.model, args.attn_implementation, rank)
+    full = PolicyLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
+    lm = empty_model(args.model, args.attn_implementation, torch.float32)
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
@@ -522,6 +554,8 @@ def main(args):
     for layer in lm.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    materialize(model, full, device)
+    del full
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
