@@ -45,8 +45,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -655,19 +656,48 @@ def load_checkpoint(path, model, optimizer, scheduler, global_batch_size, seed, 
     return state["step"]
 
 
-def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """Gathers the full weights and writes a Hugging Face directory (safetensors in `dtype` + tokenizer)
-    that from_pretrained and vLLM load, with the source's config (use_cache and all; training
-    changes none of it); generation stops at the chat template's end-of-turn token."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+@torch.no_grad()
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 10**9):
+    """Writes a Hugging Face directory that from_pretrained and vLLM load: the weights in `dtype` as
+    safetensors (several files of at most max_file_bytes and an index if they do not fit in one), the
+    source's config (use_cache and all; training changes none of it) and the tokenizer; generation stops
+    at the chat template's end-of-turn token. Streamed: each tensor is gathered from its shards in turn,
+    and rank 0 holds at most one file's worth before writing it. Written to path.tmp, then renamed."""
+    tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
+    files, size = [[]], 0  # consecutive tensors, at most max_file_bytes per file
+    for name, tensor in tensors.values():
+        nbytes = tensor.numel() * dtype.itemsize
+        if files[-1] and size + nbytes > max_file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append((name, tensor))
+        size += nbytes
+    tmp = path + ".tmp"
     if rank == 0:
-        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
-        lm.save_pretrained(tmp, state_dict=state)
-        lm.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
+        os.makedirs(tmp)
+    weight_map = {}
+    for i, members in enumerate(files):
+        file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        part = {}
+        for name, tensor in members:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank joins the gather
+            if rank == 0:
+                part[name] = full.to("cpu", dtype)
+            weight_map[name] = file
+        if rank == 0:
+            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+    if rank == 0:
+        if len(files) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        lm.config.dtype = dtype
+        lm.config.architectures = [type(lm).__name__]
         lm.config.save_pretrained(tmp)
+        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+        lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
