@@ -48,6 +48,7 @@ import tyro
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -100,6 +101,9 @@ class Args:
     """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds init, data order and everything random"""
 
@@ -301,7 +305,8 @@ def unreadable(path, error):
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     """Tokenized pairs {chosen_ids, chosen_labels, n_chosen, rejected_ids, rejected_labels, n_rejected}
     (n_*: response tokens that carry log-prob). A malformed row stops the run with its index.
-    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    Each node's local rank 0 tokenizes first, so that the node's other ranks read its datasets cache (one
+    cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     if not {"chosen", "rejected"} <= set(rows.column_names):
         raise InputError(f"{name}: expected `chosen` and `rejected` columns, found {rows.column_names}")
@@ -317,7 +322,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
         return out
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="tokenizing")
         dist.barrier()
     kept = rows.filter(lambda c, r: c > 0 and r > 0, input_columns=["n_chosen", "n_rejected"])
@@ -432,12 +437,12 @@ def final_dtype(name, save_dtype):
     return AutoConfig.from_pretrained(name).dtype or torch.float32
 
 
-def shard(lm, mp):
+def shard(lm, mp, mesh=None):
     """FSDP2 over each decoder layer, then the root."""
     model = SequenceLogprobs(lm)
     for layer in lm.get_decoder().layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -529,7 +534,7 @@ def load_reference_cache(path, key, meta, explicit):
     return cache
 
 
-def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_id, rank, world, device):
+def reference_logps(args, model, mp, mesh, compute_dtype, train_rows, eval_rows, pad_id, rank, world, device):
     """[n, 2] reference log-probs (chosen, rejected) of the train and eval pairs: read from the
     cache when its key matches, else one no-grad pass of --ref_model (or of model, the initial
     policy) over every pair, saved atomically for the next run."""
@@ -557,7 +562,7 @@ def reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_i
     if cache is None:
         ref = model
         if args.ref_model:  # loaded as the policy is, its parameters stored in the compute dtype (frozen)
-            ref = shard(empty_model(args.ref_model, args.attn_implementation, compute_dtype), mp)
+            ref = shard(empty_model(args.ref_model, args.attn_implementation, compute_dtype), mp, mesh)
             materialize(ref, SequenceLogprobs(load_model(args.ref_model, args.attn_implementation)) if rank == 0
                         else None, device)
         cache = {"key": key, "meta": meta,
@@ -708,12 +713,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python dpo.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python dpo.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -722,6 +729,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -800,6 +819,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
+    mesh = fsdp_mesh(args.hsdp, device)
     torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0) and all else
     stop_requested = stop_on_signals(rank)
 
@@ -832,7 +852,7 @@ def main(args):
     lm = empty_model(args.model, args.attn_implementation, torch.float32)
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = shard(lm, mp)
+    model = shard(lm, mp, mesh)
     materialize(model, full, device)
     del full
     model.train()
@@ -847,8 +867,8 @@ def main(args):
     # before any update and before --resume loads trained weights
     ref_train = ref_eval = None
     if args.loss_type != "simpo":
-        ref_train, ref_eval = reference_logps(args, model, mp, compute_dtype, train_rows, eval_rows, pad_id, rank,
-                                              world, device)
+        ref_train, ref_eval = reference_logps(args, model, mp, mesh, compute_dtype, train_rows, eval_rows, pad_id,
+                                              rank, world, device)
 
     start_step = 0
     if args.resume:

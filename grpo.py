@@ -45,6 +45,7 @@ import tyro
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -103,6 +104,9 @@ class Args:
     once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds data order; rank r samples with seed + r"""
 
@@ -285,7 +289,8 @@ def unreadable(path, error):
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
     """Rows {prompt_ids, ground_truth, verifier}; any malformed row stops the run with its index.
-    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    Each node's local rank 0 tokenizes first, so that the node's other ranks read its datasets cache (one
+    cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
@@ -298,7 +303,7 @@ def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
         dist.barrier()
     kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
@@ -387,14 +392,14 @@ def final_dtype(name, save_dtype):
     return AutoConfig.from_pretrained(name).dtype or torch.float32
 
 
-def shard(lm, mp, gradient_checkpointing=False):
+def shard(lm, mp, mesh=None, gradient_checkpointing=False):
     """FSDP2 over each decoder layer, then the root."""
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyLogprobs(lm)
     for layer in lm.get_decoder().layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -616,12 +621,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python grpo.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python grpo.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -630,6 +637,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -714,6 +733,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
+    mesh = fsdp_mesh(args.hsdp, device)
     torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
     G = args.num_generations
@@ -744,11 +764,11 @@ def main(args):
     # (FSDP would cast them to it in every forward anyway: same results, less memory)
     full = PolicyLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
     lm = empty_model(args.model, args.attn_implementation, torch.float32)
-    model = shard(lm, mp, args.gradient_checkpointing)
+    model = shard(lm, mp, mesh, args.gradient_checkpointing)
     materialize(model, full, device)
     reference = None
     if args.beta > 0:
-        reference = shard(empty_model(args.model, args.attn_implementation, compute_dtype), mp).eval()
+        reference = shard(empty_model(args.model, args.attn_implementation, compute_dtype), mp, mesh).eval()
         materialize(reference, full, device)
         reference.requires_grad_(False)
     del full

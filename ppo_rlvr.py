@@ -60,6 +60,7 @@ import tyro
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -130,6 +131,9 @@ class Args:
     once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds init, data order and sampling (rank r samples with seed + r)"""
 
@@ -334,8 +338,8 @@ def unreadable(path, error):
 
 
 def load_prompts(name, split, tokenizer, max_prompt_len, rank):
-    """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Rank 0 goes first so that
-    the other ranks read the datasets cache."""
+    """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Each node's local rank 0 goes first,
+    so that the node's other ranks read its datasets cache (one cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
@@ -348,7 +352,7 @@ def load_prompts(name, split, tokenizer, max_prompt_len, rank):
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"]}
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
         dist.barrier()
     kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
@@ -517,11 +521,11 @@ def disable_dropout(module):
             m.p = 0.0
 
 
-def shard(wrapper, decoder, mp):
+def shard(wrapper, decoder, mp, mesh=None):
     """FSDP2: each decoder layer, then the root (which holds the head)."""
     for layer in decoder.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(wrapper, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(wrapper, mesh=mesh, mp_policy=mp)
 
 
 def generation_copy(lm, dtype, device, attn_implementation):
@@ -749,12 +753,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python ppo_rlvr.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python ppo_rlvr.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -763,6 +769,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -838,6 +856,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
+    mesh = fsdp_mesh(args.hsdp, device)
     torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
 
@@ -871,9 +890,9 @@ def main(args):
         if args.gradient_checkpointing and m is not ref_lm:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy, reference, value_model = PolicyLogprobs(lm), PolicyLogprobs(ref_lm), ValueModel(seqcls)
-    shard(policy, lm.get_decoder(), mp)
-    shard(reference, ref_lm.get_decoder(), mp)
-    shard(value_model, seqcls.base_model, mp)
+    shard(policy, lm.get_decoder(), mp, mesh)
+    shard(reference, ref_lm.get_decoder(), mp, mesh)
+    shard(value_model, seqcls.base_model, mp, mesh)
     full = PolicyLogprobs(load_causal_lm(args.model, args.attn_implementation)) if rank == 0 else None
     materialize(policy, full, device)
     materialize(reference, full, device)

@@ -36,6 +36,7 @@ import tyro
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -85,6 +86,9 @@ class Args:
     """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds init, data order and everything random"""
 
@@ -205,7 +209,8 @@ def unreadable(path, error):
 
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
     """Tokenized rows {input_ids, labels, n_loss}. A malformed row stops the run with its index.
-    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    Each node's local rank 0 tokenizes first, so that the node's other ranks read its datasets cache (one
+    cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     if "messages" not in rows.column_names:
         raise InputError(f"{name}: expected a `messages` column, found {rows.column_names}")
@@ -216,7 +221,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len, rank):
         return {"input_ids": ids, "labels": labels, "n_loss": sum(x != -100 for x in labels[1:])}
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="tokenizing")
         dist.barrier()
     kept = rows.filter(lambda n: n > 0, input_columns="n_loss")
@@ -479,12 +484,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python sft.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python sft.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -493,6 +500,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -551,6 +570,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
+    mesh = fsdp_mesh(args.hsdp, device)
     torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0) and all else
     stop_requested = stop_on_signals(rank)
 
@@ -582,8 +602,8 @@ def main(args):
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     model = PolicyLogprobs(lm)
     for layer in lm.get_decoder().layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     materialize(model, full, device)
     del full
     model.train()
