@@ -22,11 +22,13 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation import CompileConfig
 
 import verifiers
 from verifiers.ifeval import instruction_results
@@ -52,6 +54,12 @@ class Args:
     """completions per prompt (needs temperature > 0 when > 1); pass@k is reported for k <= this"""
     batch_size: int = 64
     """prompts per generate call on each rank"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype the model is loaded and run in. auto = bf16 on CUDA, fp32 on CPU"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step
+    compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while once)
+    or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     output: str | None = None
     """jsonl of prompts, completions and scores (None: eval_<dataset name>.jsonl beside a local model)"""
     seed: int = 0
@@ -129,14 +137,32 @@ def end_of_turn_ids(tokenizer, model):
     return sorted(ids)
 
 
-def generate(model, tokenizer, prompts, args, stop_ids, device):
-    """num_samples completions for each prompt, as text."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+def load_model(name, dtype, device):
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+
+
+def cache_settings(static):
+    """generate() options for the KV cache: always on (whatever the model's config says), and with
+    `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile) and
+    replays it; transformers would compile only on GPUs, this asks it to on any device."""
+    if not static:
+        return {"use_cache": True}
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
+
+
+def generate(model, tokenizer, prompts, args, stop_ids, device, static_width=None):
+    """num_samples completions for each prompt, as text. With static_width, prompts are left-padded
+    to that many tokens and the KV cache is static (see cache_settings)."""
+    padding = dict(padding="max_length", max_length=static_width) if static_width else dict(padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, **padding).to(device)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
-                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
+                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                             **cache_settings(static_width is not None), **sampling)
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return [texts[i * args.num_samples:(i + 1) * args.num_samples] for i in range(len(prompts))]
 
@@ -194,19 +220,27 @@ def evaluate(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    model = load_model(args.model, dtype, device)
     stop_ids = end_of_turn_ids(tokenizer, model)
     torch.manual_seed(args.seed + rank)
 
     mine = list(range(rank, len(rows), world))
+    static_width = None
+    if args.generation_cache == "static" or (args.generation_cache == "auto" and device.type == "cuda"):
+        # one width for every batch, so that the compiled decode step is replayed, not recompiled
+        texts = [tokenizer.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
+                 for i in mine]
+        static_width = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids), default=1)
     records = []
     for start in range(0, len(mine), args.batch_size):
         batch = [rows[i] for i in mine[start:start + args.batch_size]]
         prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
                    for r in batch]
         for i, row, prompt, completions in zip(mine[start:], batch, prompts,
-                                               generate(model, tokenizer, prompts, args, stop_ids, device)):
+                                               generate(model, tokenizer, prompts, args, stop_ids, device,
+                                                        static_width)):
             records.append(score(i, row, prompt, completions))
     if distributed:
         gathered = [None] * world

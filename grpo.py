@@ -42,11 +42,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation import CompileConfig
 
 import verifiers
 from kernels import linear_logprobs
@@ -102,8 +105,17 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype of params in forward/backward and of the generation copy; master weights and grad
     reduction stay fp32. auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
+    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
+    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds data order; rank r samples with seed + r"""
 
@@ -286,7 +298,8 @@ def unreadable(path, error):
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
     """Rows {prompt_ids, ground_truth, verifier}; any malformed row stops the run with its index.
-    Rank 0 tokenizes first so that the other ranks read the datasets cache."""
+    Each node's local rank 0 tokenizes first, so that the node's other ranks read its datasets cache (one
+    cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
@@ -299,7 +312,7 @@ def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
         dist.barrier()
     kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
@@ -339,24 +352,89 @@ class PolicyLogprobs(torch.nn.Module):
                                temperature=temperature, with_entropy=with_entropy)
 
 
-def load_model(name, attn_implementation, rank):
+def load_model(name, attn_implementation):
+    """The full model in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         config = AutoConfig.from_pretrained(name)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
-def shard(lm, mp, gradient_checkpointing=False):
+def empty_model(name, attn_implementation, dtype):
+    """The model on the meta device (parameters in `dtype`, no memory until materialize), with the
+    source's generation config, which final/ keeps."""
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn_implementation,
+                                              dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
+
+
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
+def shard(lm, mp, mesh=None, gradient_checkpointing=False):
+    """FSDP2 over each decoder layer, then the root."""
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyLogprobs(lm)
     for layer in lm.get_decoder().layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def generation_copy(lm, dtype, device, attn_implementation):
+    """A full (unsharded) model of the policy's architecture in `dtype`, allocated on `device` alone (built
+    on the meta device), for sampling; refresh_generation_copy fills in the weights, and the buffers
+    (rotary frequencies) are the policy's. Built from the config alone, so it inherits no sampling
+    defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
+    with torch.device("meta"):
+        gen_lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    gen_lm.to_empty(device=device)
+    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
+    for name, buffer in lm.named_buffers():
+        gen_lm.get_buffer(name).copy_(buffer)
+    return gen_lm.eval()
+
+
+def cache_settings(static):
+    """GenerationConfig fields for the KV cache: always on (whatever the model's config says), and
+    with `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile)
+    and replays it; transformers would compile only on GPUs, this asks it to on any device."""
+    if not static:
+        return {"use_cache": True}
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
 
 
 @torch.no_grad()
@@ -364,6 +442,9 @@ def refresh_generation_copy(model, gen_lm):
     """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
     gathers each parameter once), in place, so that a compiled generation graph stays valid."""
     targets = dict(gen_lm.named_parameters())
+    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
+    if names != set(targets):
+        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         targets[name.removeprefix("lm.")].copy_(full)
@@ -534,17 +615,48 @@ def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
     return state["step"], saved_rank["rollout"]
 
 
-def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """Gathers the full weights and writes a Hugging Face directory (safetensors + tokenizer) that
-    from_pretrained and vLLM load; generation stops at the chat template's end-of-turn token."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+@torch.no_grad()
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 10**9):
+    """Writes a Hugging Face directory that from_pretrained and vLLM load: the weights in `dtype` as
+    safetensors (several files of at most max_file_bytes and an index if they do not fit in one), the
+    source's config (use_cache and all; training changes none of it) and the tokenizer; generation stops
+    at the chat template's end-of-turn token. Streamed: each tensor is gathered from its shards in turn,
+    and rank 0 holds at most one file's worth before writing it. Written to path.tmp, then renamed."""
+    tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
+    files, size = [[]], 0  # consecutive tensors, at most max_file_bytes per file
+    for name, tensor in tensors.values():
+        nbytes = tensor.numel() * dtype.itemsize
+        if files[-1] and size + nbytes > max_file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append((name, tensor))
+        size += nbytes
+    tmp = path + ".tmp"
     if rank == 0:
-        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    weight_map = {}
+    for i, members in enumerate(files):
+        file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        part = {}
+        for name, tensor in members:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank joins the gather
+            if rank == 0:
+                part[name] = full.to("cpu", dtype)
+            weight_map[name] = file
+        if rank == 0:
+            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+    if rank == 0:
+        if len(files) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         lm.config.dtype = dtype
+        lm.config.architectures = [type(lm).__name__]
+        lm.config.save_pretrained(tmp)
         lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
-        lm.save_pretrained(tmp, state_dict=state)
+        lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -555,12 +667,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python grpo.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python grpo.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -569,6 +683,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -655,7 +781,8 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    mesh = fsdp_mesh(args.hsdp, device)
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
     G = args.num_generations
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
@@ -679,26 +806,31 @@ def main(args):
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    lm = load_model(args.model, args.attn_implementation, rank)
-    gen_lm = copy.deepcopy(lm).to(device, compute_dtype).eval()
-    if args.padding_free:  # the policy's and reference's forwards; generation keeps --attn_implementation
-        lm.set_attn_implementation("packed")
+    save_dtype = final_dtype(args.model, args.save_dtype)
+    # each built on the meta device, sharded, then filled with the weights that rank 0 alone reads, each
+    # rank receiving only its shards; the frozen reference's parameters are stored in the compute dtype
+    # (FSDP would cast them to it in every forward anyway: same results, less memory)
+    attention = "packed" if args.padding_free else args.attn_implementation  # generation keeps the latter
+    full = PolicyLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
+    lm = empty_model(args.model, attention, torch.float32)
+    model = shard(lm, mp, mesh, args.gradient_checkpointing)
+    materialize(model, full, device)
     reference = None
     if args.beta > 0:
-        reference = shard(copy.deepcopy(lm), mp).eval()
+        reference = shard(empty_model(args.model, attention, compute_dtype), mp, mesh).eval()
+        materialize(reference, full, device)
         reference.requires_grad_(False)
-    lm.config.use_cache = False
-    model = shard(lm, mp, args.gradient_checkpointing)
+    del full
     model.train()
+    gen_lm = generation_copy(lm, compute_dtype, device, args.attn_implementation)
     torch.manual_seed(args.seed + rank)  # each rank samples different completions, reproducibly
-    # On CUDA: a static KV cache, prompts padded to one width, so that generate compiles the decode
-    # step once (CUDA graphs) and replays it; on CPU a dynamic cache and no compilation.
-    static = device.type == "cuda"
+    # a static cache needs one prompt width, so that the compiled decode step is replayed, not recompiled
+    static = args.generation_cache == "static" or (args.generation_cache == "auto" and device.type == "cuda")
     generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   max_new_tokens=args.max_completion_len, eos_token_id=eot_id, pad_token_id=pad_id,
-                                  cache_implementation="static" if static else None)
+                                  **cache_settings(static))
     greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_completion_len, eos_token_id=eot_id,
-                              pad_token_id=pad_id, cache_implementation="static" if static else None)
+                              pad_token_id=pad_id, **cache_settings(static))
     width = args.max_prompt_len if static else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -737,8 +869,6 @@ def main(args):
         rows = [train[i] for i in indices[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
         prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
         completions, truncated = sample(gen_lm, prompts, generation, pad_id, eot_id, width)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         t_generation = time.perf_counter() - t0
 
         # scores of every completion of the global batch: [correct, format, length, truncated]
@@ -895,7 +1025,7 @@ def main(args):
         log({"eval/accuracy": accuracy}, step)
         if rank == 0:
             print(f"eval/accuracy {accuracy:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, compute_dtype, eot_id, rank)
+    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, save_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
     dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it

@@ -40,6 +40,7 @@ References: Schulman et al. 2017 (PPO); Schulman et al. 2016 (GAE); Ouyang et al
         --eval_dataset None
 """
 
+import copy
 import json
 import math
 import os
@@ -56,12 +57,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GenerationConfig)
+from transformers.generation import CompileConfig
+from transformers.utils import logging as transformers_logging
 
 import verifiers
 from kernels import linear_logprobs
@@ -126,9 +131,18 @@ class Args:
     """gradient clipping by global norm, per model (0 disables)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype in forward/backward (master weights and grad reduction stay fp32); also the dtype of
-    the generation copy. auto = bf16 on CUDA, fp32 on CPU"""
+    the generation copy and the frozen reference. auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
+    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
+    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward"""
+    hsdp: bool = False
+    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
+    nodes, more memory per GPU); default: shard it over all ranks"""
     seed: int = 1
     """seeds init, data order and sampling (rank r samples with seed + r)"""
 
@@ -333,8 +347,8 @@ def unreadable(path, error):
 
 
 def load_prompts(name, split, tokenizer, max_prompt_len, rank):
-    """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Rank 0 goes first so that
-    the other ranks read the datasets cache."""
+    """Checked and tokenized rows {prompt_ids, ground_truth, verifier}. Each node's local rank 0 goes first,
+    so that the node's other ranks read its datasets cache (one cache per node, or one that all nodes share)."""
     rows = load_rows(name, split)
     missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
     if missing:
@@ -347,7 +361,7 @@ def load_prompts(name, split, tokenizer, max_prompt_len, rank):
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"]}
 
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
+        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
             rows = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
         dist.barrier()
     kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
@@ -404,11 +418,15 @@ class ValueModel(torch.nn.Module):
         return torch.zeros(completion_mask.shape, device=values.device).masked_scatter(completion_mask, values)
 
 
+def dropout_rates(config):
+    """The config's dropout probabilities: attention_dropout, hidden_dropout, resid_pdrop, ..."""
+    return {key: value for key, value in config.to_dict().items() if "dropout" in key or key.endswith("pdrop")}
+
+
 def load_config(name):
+    """The model's config with dropout off (modules read their rates when they are built)."""
     config = AutoConfig.from_pretrained(name)
-    for key in list(config.to_dict()):  # dropout off: attention_dropout, hidden_dropout, resid_pdrop, ...
-        if "dropout" in key or key.endswith("pdrop"):
-            setattr(config, key, 0.0)
+    config.update(dict.fromkeys(dropout_rates(config), 0.0))
     return config
 
 
@@ -417,26 +435,78 @@ def has_weights(name):
     return not os.path.isdir(name) or any(os.path.exists(os.path.join(name, f)) for f in files)
 
 
-def load_causal_lm(name, attn_implementation, rank):
+def load_causal_lm(name, attn_implementation):
+    """The full policy in fp32, which rank 0 alone reads (the others receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
     config = load_config(name)
     if not has_weights(name):
-        if rank == 0:
-            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(name, config=config, attn_implementation=attn_implementation,
                                                 dtype=torch.float32)
 
 
-def load_value_model(name, attn_implementation, rank):
-    """A reward model keeps its score head; a causal LM (or a config only) gets a new one with std
-    1/sqrt(H + 1), as open-instruct."""
+def empty_model(name, attn_implementation, dtype, value_model=False):
+    """The policy, or the value model (a score head with one output), on the meta device with dropout off:
+    parameters in `dtype`, no memory until materialize. The policy has the source's generation config,
+    which final/ keeps."""
+    config = load_config(name)
+    if value_model:
+        config.num_labels = 1
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
+                                                                  dtype=dtype)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: the one derived from the config, as from_pretrained does
+        pass
+    return lm
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
+    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
+    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
+    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
+    rank 0's."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, 0)
+
+
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
+def load_value_model(name, attn_implementation):
+    """The full value model in fp32, which rank 0 alone reads: a reward model keeps its score head; a causal
+    LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
     config = load_config(name)
     config.num_labels = 1
     if has_weights(name):
-        seqcls, info = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
-            output_loading_info=True)
-        new_head = any(key.startswith("score") for key in info["missing_keys"])
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its report would list the new head as a missing weight
+        try:
+            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
+                output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
+        if missing:
+            raise ValueError(f"value model {name}: no weights for {missing[:5]}")
+        new_head = "score.weight" in info["missing_keys"]
     else:
         seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
                                                                 dtype=torch.float32)
@@ -445,8 +515,7 @@ def load_value_model(name, attn_implementation, rank):
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
             torch.nn.init.zeros_(seqcls.score.bias)
-    elif rank == 0:
-        print(f"value model: kept the score head of {name}")
+    print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own score head"))
     return seqcls
 
 
@@ -456,26 +525,58 @@ def disable_dropout(module):
             m.p = 0.0
 
 
-def shard(wrapper, decoder, mp):
+def shard(wrapper, decoder, mp, mesh=None):
     """FSDP2: each decoder layer, then the root (which holds the head)."""
     for layer in decoder.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(wrapper, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(wrapper, mesh=mesh, mp_policy=mp)
 
 
-def refresh_generator(generator, model):
-    """Copies the sharded policy's full weights into the unsharded generation model."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    missing, unexpected = generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head shares the embedding's storage
-        raise RuntimeError(f"generation copy out of sync: missing {missing}, unexpected {unexpected}")
+def generation_copy(lm, dtype, device, attn_implementation):
+    """A full (unsharded) model of the policy's architecture in `dtype`, allocated on `device` alone (built
+    on the meta device), for sampling; refresh_generation_copy fills in the weights, and the buffers
+    (rotary frequencies) are the policy's. Built from the config alone, so it inherits no sampling
+    defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
+    config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
+    with torch.device("meta"):
+        gen_lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    gen_lm.to_empty(device=device)
+    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
+    for name, buffer in lm.named_buffers():
+        gen_lm.get_buffer(name).copy_(buffer)
+    return gen_lm.eval()
+
+
+def cache_settings(static):
+    """GenerationConfig fields for the KV cache: always on (whatever the model's config says), and
+    with `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile)
+    and replays it; transformers would compile only on GPUs, this asks it to on any device."""
+    if not static:
+        return {"use_cache": True}
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
 
 
 @torch.no_grad()
-def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, greedy, device):
+def refresh_generation_copy(model, gen_lm):
+    """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
+    gathers each parameter once), in place, so that a compiled generation graph stays valid."""
+    targets = dict(gen_lm.named_parameters())
+    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
+    if names != set(targets):
+        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        targets[name.removeprefix("lm.")].copy_(full)
+
+
+@torch.no_grad()
+def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, greedy, device, static_width=None):
     """Left-padded prompts [B, P] with their attention mask, completions [B, R] (pad after the
-    end-of-turn token) and the completion mask (tokens up to and including it)."""
-    width = max(len(p) for p in prompts)
+    end-of-turn token) and the completion mask (tokens up to and including it). With static_width,
+    prompts are padded to that width and the KV cache is static (see cache_settings)."""
+    width = static_width or max(len(p) for p in prompts)
     query = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     query_mask = torch.zeros_like(query)
     for b, p in enumerate(prompts):
@@ -484,7 +585,8 @@ def generate(generator, prompts, pad_id, eot_id, max_new_tokens, temperature, gr
     query, query_mask = query.to(device), query_mask.to(device)
     # top_k=0 and top_p=1 explicitly: unset, generate() would fill in top_k=50 and not sample from the policy
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else
-                              temperature, top_k=0, top_p=1.0, eos_token_id=eot_id, pad_token_id=pad_id)
+                              temperature, top_k=0, top_p=1.0, eos_token_id=eot_id, pad_token_id=pad_id,
+                              **cache_settings(static_width is not None))
     out = generator.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
     completion = out[:, width:]
     is_end = completion == eot_id
@@ -666,16 +768,49 @@ def load_checkpoint(path, pairs, schedulers, batch_size, seed, world, rank):
     return saved["step"]
 
 
-def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
-    """The policy's full weights as a Hugging Face directory; generation stops at end-of-turn."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+@torch.no_grad()
+def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 10**9):
+    """Writes the policy as a Hugging Face directory that from_pretrained and vLLM load: the weights in
+    `dtype` as safetensors (several files of at most max_file_bytes and an index if they do not fit in
+    one), the source's config (use_cache and all; main restores the dropout rates it zeroed) and the
+    tokenizer; generation stops at the chat template's end-of-turn token. Streamed: each tensor is gathered
+    from its shards in turn, and rank 0 holds at most one file's worth before writing it. Written to
+    path.tmp, then renamed."""
+    tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
+    files, size = [[]], 0  # consecutive tensors, at most max_file_bytes per file
+    for name, tensor in tensors.values():
+        nbytes = tensor.numel() * dtype.itemsize
+        if files[-1] and size + nbytes > max_file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append((name, tensor))
+        size += nbytes
+    tmp = path + ".tmp"
     if rank == 0:
-        state = {k.removeprefix("lm."): v.to(dtype) for k, v in full.items()}
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    weight_map = {}
+    for i, members in enumerate(files):
+        file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        part = {}
+        for name, tensor in members:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank joins the gather
+            if rank == 0:
+                part[name] = full.to("cpu", dtype)
+            weight_map[name] = file
+        if rank == 0:
+            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+    if rank == 0:
+        if len(files) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         lm.config.dtype = dtype
+        lm.config.architectures = [type(lm).__name__]
+        lm.config.save_pretrained(tmp)
         lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
-        lm.save_pretrained(tmp, state_dict=state)
+        lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -686,12 +821,14 @@ def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank):
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python ppo_rlvr.py` becomes a world of one."""
+    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
+    node or several; a plain `python ppo_rlvr.py` becomes a world of one."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -700,6 +837,18 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def stop_on_signals(rank):
@@ -777,7 +926,8 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)  # identical init on every rank: FSDP shards each rank's own copy
+    mesh = fsdp_mesh(args.hsdp, device)
+    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
     stop_requested = stop_on_signals(rank)
 
     # tokenizer and data
@@ -795,28 +945,38 @@ def main(args):
     total_steps = args.max_steps or args.num_epochs * (len(train) // batch_size)
     total_updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
 
-    # models: policy, frozen reference, value model, all FSDP2; an unsharded policy copy generates
+    # models: policy, frozen reference (the starting policy, stored in the compute dtype), value model, all
+    # built on the meta device, sharded with FSDP2, then filled with the weights that rank 0 alone reads, each
+    # rank receiving only its shards; an unsharded policy copy generates
     compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    lm = load_causal_lm(args.model, args.attn_implementation, rank)
-    ref_lm = load_causal_lm(args.model, args.attn_implementation, rank)
-    seqcls = load_value_model(args.value_model or args.model, args.attn_implementation, rank)
-    # a config of its own: from_config would share lm's, whose attention --padding_free changes below
-    generator = AutoModelForCausalLM.from_config(load_config(args.model), attn_implementation=args.attn_implementation,
-                                                 dtype=compute_dtype).to(device).eval()
+    save_dtype = final_dtype(args.model, args.save_dtype)
+    lm = empty_model(args.model, args.attn_implementation, torch.float32)
+    ref_lm = empty_model(args.model, args.attn_implementation, compute_dtype)
+    seqcls = empty_model(args.value_model or args.model, args.attn_implementation, torch.float32, value_model=True)
     for m in (lm, ref_lm, seqcls):
-        m.config.use_cache = False
         disable_dropout(m)
         if args.padding_free:  # the training and log-prob forwards; generation keeps --attn_implementation
             m.set_attn_implementation("packed")
         if args.gradient_checkpointing and m is not ref_lm:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy, reference, value_model = PolicyLogprobs(lm), PolicyLogprobs(ref_lm), ValueModel(seqcls)
-    shard(policy, lm.get_decoder(), mp)
-    shard(reference, ref_lm.get_decoder(), mp)
-    shard(value_model, seqcls.base_model, mp)
+    shard(policy, lm.get_decoder(), mp, mesh)
+    shard(reference, ref_lm.get_decoder(), mp, mesh)
+    shard(value_model, seqcls.base_model, mp, mesh)
+    full = PolicyLogprobs(load_causal_lm(args.model, args.attn_implementation)) if rank == 0 else None
+    materialize(policy, full, device)
+    materialize(reference, full, device)
+    del full
+    materialize(value_model, ValueModel(load_value_model(args.value_model or args.model, args.attn_implementation))
+                if rank == 0 else None, device)
+    policy.train()  # in eval mode gradient checkpointing would be skipped
+    value_model.train()
     reference.requires_grad_(False)
+    generator = generation_copy(lm, compute_dtype, device, args.attn_implementation)
+    static_width = args.max_prompt_len if args.generation_cache == "static" or (
+        args.generation_cache == "auto" and device.type == "cuda") else None
     optimizers, schedulers = [], []
     for model, lr in ((policy, args.lr), (value_model, args.value_lr or args.lr)):
         optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
@@ -832,7 +992,7 @@ def main(args):
         start_step = load_checkpoint(path, pairs, schedulers, batch_size, args.seed, world, rank)
         if rank == 0:
             print(f"resumed from {path}")
-    refresh_generator(generator, policy)
+    refresh_generation_copy(policy, generator)
 
     def evaluate():
         """Mean verifier score of greedy completions; each rank takes every world-th prompt."""
@@ -841,7 +1001,7 @@ def main(args):
         for start in range(0, len(rows), args.eval_batch_size):
             chunk = rows[start:start + args.eval_batch_size]
             _, _, completion, _ = generate(generator, [r["prompt_ids"] for r in chunk], pad_id, eot_id,
-                                              args.max_new_tokens, 1.0, True, device)
+                                           args.max_new_tokens, 1.0, True, device, static_width)
             for row, ids in zip(chunk, completion):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 total[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
@@ -878,7 +1038,8 @@ def main(args):
         indices = global_batch(step - 1, len(train), batch_size, args.seed)
         rows = [train[i] for i in indices[rank * local_batch:(rank + 1) * local_batch]]
         query, query_mask, completion, mask = generate(generator, [r["prompt_ids"] for r in rows], pad_id, eot_id,
-                                                       args.max_new_tokens, args.temperature, False, device)
+                                                       args.max_new_tokens, args.temperature, False, device,
+                                                       static_width)
         t_generated = time.perf_counter()
         ended = (completion == eot_id).any(1)
         correct = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(ids, skip_special_tokens=True),
@@ -940,7 +1101,7 @@ def main(args):
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-        refresh_generator(generator, policy)
+        refresh_generation_copy(policy, generator)
 
         # metrics: sums over all ranks, then TRL's averages
         n_updates = args.num_ppo_epochs * args.num_mini_batches
@@ -990,7 +1151,8 @@ def main(args):
         log({"eval/accuracy": accuracy}, step)
         if rank == 0:
             print(f"eval/accuracy {accuracy:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), policy, lm, tokenizer, compute_dtype, eot_id, rank)
+    lm.config.update(dropout_rates(AutoConfig.from_pretrained(args.model)))  # final/ gets the source's rates
+    save_hf(os.path.join(args.output_dir, "final"), policy, lm, tokenizer, save_dtype, eot_id, rank)
     if rank == 0:
         print(f"saved {os.path.join(args.output_dir, 'final')}")
     dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it

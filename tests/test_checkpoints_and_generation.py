@@ -1,0 +1,250 @@
+"""What every script saves and how every generator decodes: final/ carries the source model's config
+(the KV cache on) in the source's dtype or --save_dtype; the generation copies of grpo.py and
+ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and their
+static-cache compiled path gives exactly the greedy tokens of the dynamic one; --precision bf16
+runs every script end to end on 2 CPU ranks (gloo)."""
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from conftest import ROOT, read_metrics, run_script, write_jsonl
+
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+import ppo_rlvr  # noqa: E402
+import sft  # noqa: E402
+
+TINY = ROOT / "assets" / "tiny"
+EOT = 2  # <|im_end|> in assets/tiny's tokenizer
+
+
+def save_checkpoint(path, dtype=torch.bfloat16, **config_changes):
+    """A randomly initialized assets/tiny model saved as a pretrained checkpoint in `dtype`.
+    initializer_range 0.3 makes greedy completions vary from token to token (at the default 0.02
+    the random model repeats one token)."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY)
+    config.initializer_range = 0.3
+    config.update(config_changes)
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(path)
+    return path
+
+
+def input_lengths(model):
+    """Records the width of input_ids of every forward of `model`."""
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    return widths
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+
+
+def demo_prompts(n):
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")][:n]
+    return [tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False).input_ids for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators: a KV cache whatever the config says
+
+
+@pytest.fixture(scope="module")
+def no_cache_lm():
+    """A policy loaded from a checkpoint whose config and generation_config switch the cache off."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY)
+    config.initializer_range = 0.3
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    lm.config.use_cache = False
+    lm.generation_config.use_cache = False
+    return lm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("script", [grpo, ppo_rlvr])
+def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script, dtype, no_cache_lm):
+    """The copy computes exactly what the policy computes in the compute dtype (FSDP casts parameters,
+    not buffers: the rotary frequencies stay fp32), and decodes with a KV cache."""
+    gen_lm = script.generation_copy(no_cache_lm, dtype, torch.device("cpu"), "sdpa")
+    script.refresh_generation_copy(script.PolicyLogprobs(no_cache_lm), gen_lm)
+    ids = torch.tensor([list(range(3, 60))])
+    policy = copy.deepcopy(no_cache_lm)
+    for param in policy.parameters():  # what FSDP computes with: parameters cast to the compute dtype
+        param.data = param.data.to(dtype)
+    torch.testing.assert_close(gen_lm(ids).logits, policy(ids).logits, rtol=0, atol=0)
+    widths = input_lengths(gen_lm)
+    if script is grpo:
+        generation = GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6, eos_token_id=EOT,
+                                      pad_token_id=0, **grpo.cache_settings(False))
+        grpo.sample(gen_lm, PROMPTS, generation, 0, EOT)
+    else:
+        ppo_rlvr.generate(gen_lm, PROMPTS, 0, EOT, 6, 1.0, True, torch.device("cpu"))
+    # the prompt once, then one new token per step; without a cache every step re-reads everything
+    assert widths[0] == 5 and widths[1:] == [1] * (len(widths) - 1) and len(widths) > 1
+
+
+def test_eval_decodes_one_token_per_step_from_a_checkpoint_without_cache(tmp_path):
+    path = save_checkpoint(tmp_path / "no_cache", torch.float32, use_cache=False)
+    assert all(json.loads((path / name).read_text())["use_cache"] is False
+               for name in ("config.json", "generation_config.json"))
+    model = evaluation.load_model(path, torch.float32, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    widths = input_lengths(model)
+    args = evaluation.Args(model=str(path), max_new_tokens=6)
+    evaluation.generate(model, tokenizer, ["What is 1 + 2?", "Hi"], args, [EOT], torch.device("cpu"))
+    assert widths[1:] == [1] * (len(widths) - 1) and len(widths) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The static KV cache and compiled decode step (the default on CUDA) run on CPU too
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("policy") / "lm", torch.float32)
+
+
+def with_compiled_graphs(run):
+    """run()'s result and the number of graphs torch.compile built during it (earlier ones are
+    forgotten first: a new model instance would otherwise reuse their code without compiling)."""
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = run()
+    return result, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+
+
+def test_grpo_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(policy):
+    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    prompts = demo_prompts(6)
+
+    def greedy(static, width=None):
+        generation = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=EOT, pad_token_id=0,
+                                      **grpo.cache_settings(static))
+        return grpo.sample(lm, prompts, generation, 0, EOT, width)
+
+    dynamic = greedy(False)
+    assert len({tuple(c) for c in dynamic[0]}) > 1 and len(set(dynamic[0][0])) > 3  # varied completions
+    static, graphs = with_compiled_graphs(lambda: greedy(True, width=64))
+    assert static == dynamic and graphs > 0
+
+
+def test_ppo_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(policy):
+    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    prompts = demo_prompts(6)
+    cpu = torch.device("cpu")
+    _, _, dynamic, dynamic_mask = ppo_rlvr.generate(lm, prompts, 0, EOT, 12, 1.0, True, cpu)
+    (query, query_mask, static, static_mask), graphs = with_compiled_graphs(
+        lambda: ppo_rlvr.generate(lm, prompts, 0, EOT, 12, 1.0, True, cpu, 64))
+    assert graphs > 0
+    assert query.shape == (6, 64) and query_mask.sum(1).tolist() == [len(p) for p in prompts]
+    assert torch.equal(static, dynamic) and torch.equal(static_mask, dynamic_mask)
+
+
+def test_eval_static_cache_gives_the_greedy_completions_of_the_dynamic_one(policy):
+    def completions(cache):
+        args = evaluation.Args(model=str(policy), max_new_tokens=12, max_rows=6, generation_cache=cache)
+        return [r["completions"] for r in evaluation.evaluate(args)[1]]
+
+    dynamic = completions("dynamic")
+    static, graphs = with_compiled_graphs(lambda: completions("static"))
+    assert static == dynamic and graphs > 0
+    assert len(set(c[0] for c in dynamic)) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# final/: the source's config and dtype
+
+
+@pytest.mark.parametrize("script", [sft, dpo, grpo, ppo_rlvr])
+def test_final_dtype_is_the_source_configs_unless_told(script, tmp_path):
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "unnamed").mkdir()
+    config = json.loads((TINY / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    (tmp_path / "unnamed" / "config.json").write_text(json.dumps(config))
+    assert script.final_dtype(str(tmp_path / "bf16"), "auto") == torch.bfloat16
+    assert script.final_dtype(str(tmp_path / "unnamed"), "auto") == torch.float32
+    assert script.final_dtype(str(tmp_path / "bf16"), "fp32") == torch.float32
+    assert script.final_dtype(str(tmp_path / "unnamed"), "bf16") == torch.bfloat16
+
+
+def check_final(final, dtype, source):
+    """final/config.json is the source's config (use_cache on) with `dtype`, the weights are stored in
+    it, and a plain from_pretrained(final).generate() feeds one new token per step."""
+    saved, original = (json.loads((path / "config.json").read_text()) for path in (final, source))
+    assert saved["use_cache"] is True and saved["dtype"] == str(dtype).removeprefix("torch.")
+    ignored = {"dtype", "transformers_version", "architectures"}
+    assert {k: v for k, v in saved.items() if k not in ignored} == {k: v for k, v in original.items() if k not in ignored}
+    with safe_open(final / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {{torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]}
+    lm = AutoModelForCausalLM.from_pretrained(final)
+    widths = input_lengths(lm)
+    lm.generate(torch.tensor([PROMPTS[0]]), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=5,
+                min_new_tokens=5, do_sample=False)
+    assert widths == [5, 1, 1, 1, 1]
+
+
+def test_final_is_saved_in_the_source_dtype(tmp_path):
+    """An fp32 run (the CPU default) from a bf16 checkpoint writes bf16 weights, like the source."""
+    source = save_checkpoint(tmp_path / "source")
+    out = tmp_path / "run"
+    run_script("sft.py", "--model", source, "--max_steps", 1, "--per_device_batch_size", 4, "--max_seq_len", 64,
+               "--eval_dataset", "None", "--output_dir", out)
+    check_final(out / "final", torch.bfloat16, source)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sources")
+    rl = [json.loads(line) for line in open(ROOT / "data" / "rl_train.jsonl")][:32]
+    return {"plain": save_checkpoint(base / "plain"),
+            # dropout in the source's config: PPO must train without it and give it back in final/
+            "dropout": save_checkpoint(base / "dropout", attention_dropout=0.1),
+            "rl": write_jsonl(base / "rl.jsonl", rl)}
+
+
+# every script under torchrun with gloo and bf16 compute, the RL ones with the static cache, saving fp32
+BF16 = ["--precision", "bf16", "--max_steps", 2, "--save_dtype", "fp32", "--eval_dataset", "None"]
+RUNS = {
+    "sft": ["--per_device_batch_size", 2, "--max_seq_len", 64],
+    "dpo": ["--per_device_batch_size", 2, "--max_seq_len", 64],
+    "grpo": ["--num_generations", 4, "--per_device_batch_size", 4, "--max_prompt_len", 64, "--max_completion_len", 8,
+             "--beta", 0.1, "--generation_cache", "static"],
+    "ppo_rlvr": ["--per_device_batch_size", 4, "--num_ppo_epochs", 1, "--max_prompt_len", 64, "--max_new_tokens", 8,
+                 "--generation_cache", "static"],
+}
+
+
+@pytest.mark.parametrize("script", list(RUNS))
+def test_bf16_on_two_ranks_saves_the_source_config(script, sources, tmp_path):
+    source = sources["dropout" if script == "ppo_rlvr" else "plain"]
+    data = ["--dataset", sources["rl"]] if script in ("grpo", "ppo_rlvr") else []
+    if script == "dpo":
+        data = ["--ref_cache_dir", tmp_path / "ref"]
+    out = tmp_path / "run"
+    proc = run_script(f"{script}.py", "--model", source, *BF16, *RUNS[script], *data, "--output_dir", out, nproc=2)
+    metrics = read_metrics(out)
+    assert sorted(metrics) == [1, 2]
+    if script == "grpo":
+        # the reference, stored in bf16, computes what the bf16 policy computed before its first update
+        assert metrics[1]["kl"] == 0.0
+    if script == "ppo_rlvr":
+        # the same for PPO's reference, and dropout is off although the source's config has it: the
+        # first minibatch reproduces the rollout's log-probs exactly
+        assert metrics[1]["objective/kl"] == 0.0 and metrics[1]["val/ratio"] == 1.0
+        # the value model's new head is announced in one line, not in transformers' missing-weights report
+        assert "LOAD REPORT" not in proc.stdout + proc.stderr and f"{source} with a new score head" in proc.stdout
+    check_final(out / "final", torch.float32, source)
