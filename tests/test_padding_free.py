@@ -290,15 +290,17 @@ def test_token_budget_micro_batches_cover_the_batch_evenly_over_ranks():
 
 def same_training(a, b, keys, weights_atol=2e-5):
     """The runs in a and b logged the same steps and the same values of `keys` (where logged), to float
-    rounding, and trained the same final weights (None: not compared). The weights' tolerance is a few
-    Adam steps of near-zero gradients whose rounding differs (lr 1e-3: a few 1e-6 on a few elements)."""
+    rounding, and trained the same final weights (None: not compared). The absolute tolerance is for
+    means of O(1) terms that cancel to about 0 (PPO's policy loss of whitened advantages: a few 1e-7
+    apart). The weights' tolerance is a few Adam steps of near-zero gradients whose rounding differs
+    (lr 1e-3: a few 1e-6 on a few elements)."""
     ma, mb = read_metrics(a), read_metrics(b)
     assert sorted(ma) == sorted(mb)
     for step in ma:
         for key in keys:
             assert (key in ma[step]) == (key in mb[step]), (step, key)
             if key in ma[step]:
-                assert mb[step][key] == pytest.approx(ma[step][key], rel=1e-5, abs=1e-7), (step, key)
+                assert mb[step][key] == pytest.approx(ma[step][key], rel=1e-5, abs=1e-6), (step, key)
     if weights_atol is not None:
         wa = AutoModelForCausalLM.from_pretrained(a / "final", dtype=torch.float32).state_dict()
         for key, value in AutoModelForCausalLM.from_pretrained(b / "final", dtype=torch.float32).state_dict().items():
