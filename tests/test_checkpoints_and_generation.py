@@ -188,8 +188,9 @@ def check_final(final, dtype, source):
     assert saved["use_cache"] is True and saved["dtype"] == str(dtype).removeprefix("torch.")
     ignored = {"dtype", "transformers_version", "architectures"}
     assert {k: v for k, v in saved.items() if k not in ignored} == {k: v for k, v in original.items() if k not in ignored}
-    with safe_open(final / "model.safetensors", "pt") as f:
+    with safe_open(final / "model.safetensors", "pt") as f, safe_open(source / "model.safetensors", "pt") as g:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {{torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]}
+        assert set(f.keys()) == set(g.keys())  # the tied head is not written as a second copy
     lm = AutoModelForCausalLM.from_pretrained(final)
     widths = input_lengths(lm)
     lm.generate(torch.tensor([PROMPTS[0]]), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=5,
@@ -248,3 +249,11 @@ def test_bf16_on_two_ranks_saves_the_source_config(script, sources, tmp_path):
         # the value model's new head is announced in one line, not in transformers' missing-weights report
         assert "LOAD REPORT" not in proc.stdout + proc.stderr and f"{source} with a new score head" in proc.stdout
     check_final(out / "final", torch.float32, source)
+
+
+def test_eval_bf16_with_the_static_cache_on_two_ranks(sources, tmp_path):
+    proc = run_script("eval.py", "--model", sources["plain"], "--precision", "bf16", "--generation_cache", "static",
+                      "--max_rows", 8, "--max_new_tokens", 8, "--output", tmp_path / "eval.jsonl", nproc=2)
+    records = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [r["index"] for r in records] == list(range(8)) and all(len(r["completions"]) == 1 for r in records)
+    assert '"num_rows": 8' in proc.stdout
