@@ -18,17 +18,23 @@ softcapping, attention sinks, dropout, non-causal layers, an explicit mask) rais
 instead of being silently dropped.
 """
 
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
 
-    VARLEN_OPTIONS = inspect.signature(varlen_attn).parameters
-except ImportError:  # torch < 2.9
-    varlen_attn, VARLEN_OPTIONS = None, {}
+@functools.cache
+def varlen():
+    """(varlen_attn, the names of its parameters), or (None, {}) before torch 2.9. Imported on first
+    use, on CUDA only: the module imports triton, which must not happen before a CPU process that
+    runs Triton's interpreter has switched it on."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}
+    return varlen_attn, inspect.signature(varlen_attn).parameters
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -42,12 +48,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError(f"padding-free attention does not support {', '.join(k for k, v in unsupported.items() if v)} "
                          f"({type(module).__name__}); train this model with --no_padding_free")
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        if "window_size" not in VARLEN_OPTIONS:
+        varlen_attn, options = varlen()
+        if "window_size" not in options:
             raise ValueError("padding-free attention needs torch.nn.attention.varlen.varlen_attn with window_size "
                              f"(torch >= 2.10, this is {torch.__version__}); pass --no_padding_free")
         # (left, 0) is causal; left = sliding_window - 1 keeps the last sliding_window tokens, as transformers does
         window = (sliding_window - 1 if sliding_window else -1, 0)
-        gqa = {"enable_gqa": True} if "enable_gqa" in VARLEN_OPTIONS else {}  # older ones take fewer kv heads as is
+        gqa = {"enable_gqa": True} if "enable_gqa" in options else {}  # older ones take fewer kv heads as is
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                           window_size=window, **gqa)

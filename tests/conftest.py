@@ -8,8 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton chooses between its interpreter and the compiler when it is imported, once per process, and
+# the scripts import it through transformers: this process runs Triton kernels only in the
+# interpreter (tests/test_kernels_triton.py), so it is switched on before anything imports triton.
+# The processes the tests launch run without it (on a GPU the scripts use the compiled kernels).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +34,8 @@ def run_script(script, *args, nproc=1, timeout=900, check=True):
     """Runs `python script args` (nproc=1) or `torchrun --nproc_per_node nproc script args` from the
     repo root, one thread per process, and returns the CompletedProcess. Past the timeout the whole
     process tree is killed (torchrun's workers too) and the test fails saying so."""
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "PYTHONPATH": PYTHONPATH}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": THREADS,
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": PYTHONPATH}
     if nproc == 1:
         cmd = [sys.executable, str(script)]
     else:

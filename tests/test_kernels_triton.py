@@ -1,10 +1,10 @@
 """The Triton kernels of kernels.triton_impl, run by the Triton interpreter on CPU in fp32 at tiny
 shapes, against the torch reference and a plain fp64 torch computation.
 
-Triton chooses between interpreting and compiling when it is imported, once per process, so this
-module turns the interpreter on before anything imports triton, for the rest of the process
-(tests/test_kernels_gpu.py and tests/test_kernels_aot.py do their triton work in child processes
-without it).
+Triton chooses between interpreting and compiling when it is imported, once per process, so
+tests/conftest.py turns the interpreter on before anything imports triton, for the whole pytest
+process (tests/test_kernels_gpu.py and tests/test_kernels_aot.py do their triton work in child
+processes without it); this module also does, for a run that does not load that conftest.
 """
 
 import os
