@@ -25,6 +25,8 @@ What it runs, in order (group: steps):
            bench_dpo      bench/dpo.py: DPO step vs TRL's DPOTrainer
            bench_grpo     bench/grpo.py: GRPO step vs TRL's GRPOTrainer
            bench_ppo_rlvr bench/ppo_rlvr.py: PPO step (no anchor)
+           bench_padding_free bench/padding_free.py: SFT steps on chat-length sequences, padded vs
+                          packed (padding-free): real tokens/s and peak memory
            bench_verifiers bench/verifiers.py: verifications per second (CPU)
 An anchor that is not installed is skipped by its benchmark with the reason recorded; a step
 whose required packages are missing is skipped the same way.
@@ -110,10 +112,11 @@ def bench_steps(cpu_smoke):
         "dpo.py": ([], ["--small", "--steps", "4"], 900),
         "grpo.py": ([], ["--tiny", "--steps", "3"], 900),
         "ppo_rlvr.py": ([], ["--small", "--steps", "3"], 600),
+        "padding_free.py": ([], ["--small", "--steps", "4"], 900),
         "verifiers.py": (["--seconds", "1"], ["--seconds", "0.2"], 120),
     }
     needs = {"sft.py": ["tyro", "datasets"], "dpo.py": ["tyro", "datasets"], "grpo.py": ["tyro", "datasets"],
-             "ppo_rlvr.py": ["tyro", "datasets"]}
+             "ppo_rlvr.py": ["tyro", "datasets"], "padding_free.py": ["tyro", "datasets"]}
     files = {Path(p).name for p in glob.glob(str(ROOT / "bench" / "*.py"))} - {"gpu_check.py"}
     if files - sizes.keys():
         raise RuntimeError(f"bench/gpu_check.py has no plan for {', '.join(sorted(files - sizes.keys()))}")

@@ -142,6 +142,19 @@ def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+def pytest_collection_modifyitems(config, items):
+    """pyproject's addopts spread the suite over one pytest-xdist worker per core. The tests that need
+    the demo model (directly or through a module fixture) run on one worker, first, so that it is
+    trained once while the other workers take the rest; each file's other tests stay together, so
+    that its module fixtures are built once."""
+    def needs_demo(item):
+        return bool({"sft_demo_checkpoint", "demo_pipeline"} & set(item.fixturenames))
+
+    items.sort(key=lambda item: not needs_demo(item))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("demo" if needs_demo(item) else item.path.name))
+
+
 # A session or module fixture that fails (a run past its timeout on a busy machine, say) raises the
 # same error in every test that needs it. The first of them reports it; the others are reported as
 # skipped, in one line that points to it, instead of repeating the error.

@@ -29,7 +29,7 @@ def test_plan_runs_every_script_and_every_benchmark():
     steps = {s.name: s for s in plan}
     benches = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "gpu_check")
     assert list(steps) == ["tests", *SCRIPTS, *(f"bench_{b}" for b in ["kernels", "sft", "dpo", "grpo", "ppo_rlvr",
-                                                                          "verifiers"])]
+                                                                          "padding_free", "verifiers"])]
     assert sorted(n.removeprefix("bench_") for n in steps if n.startswith("bench_")) == benches
     assert "tests/test_kernels_gpu.py" in steps["tests"].cmd and "tests/test_kernels_aot.py" in steps["tests"].cmd
     for name in SCRIPTS:
