@@ -142,6 +142,7 @@ def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """pyproject's addopts spread the suite over one pytest-xdist worker per core. The tests that need
     the demo model (directly or through a module fixture) run on one worker, first, so that it is
