@@ -153,8 +153,9 @@ def cache_settings(static):
 
 
 def generate(model, tokenizer, prompts, args, stop_ids, device, static_width=None):
-    """num_samples completions for each prompt, as text. With static_width, prompts are left-padded
-    to that many tokens and the KV cache is static (see cache_settings)."""
+    """num_samples completions for each prompt: (text, whether it ended with a stop token rather than
+    at --max_new_tokens, its number of tokens). With static_width, prompts are left-padded to that
+    many tokens and the KV cache is static (see cache_settings)."""
     padding = dict(padding="max_length", max_length=static_width) if static_width else dict(padding=True)
     enc = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, **padding).to(device)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 \
@@ -163,8 +164,14 @@ def generate(model, tokenizer, prompts, args, stop_ids, device, static_width=Non
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
                              **cache_settings(static_width is not None), **sampling)
-    texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [texts[i * args.num_samples:(i + 1) * args.num_samples] for i in range(len(prompts))]
+    new_tokens = out[:, enc.input_ids.shape[1]:]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    # generate pads a finished completion, so tokens up to and including the first stop are its own
+    stops = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
+    ended = stops.any(dim=1)
+    lengths = torch.where(ended, stops.int().argmax(dim=1) + 1, new_tokens.shape[1])
+    completions = list(zip(texts, ended.tolist(), lengths.tolist()))
+    return [completions[i * args.num_samples:(i + 1) * args.num_samples] for i in range(len(prompts))]
 
 
 def names_local_path(name):
@@ -238,10 +245,10 @@ def evaluate(args):
         batch = [rows[i] for i in mine[start:start + args.batch_size]]
         prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
                    for r in batch]
-        for i, row, prompt, completions in zip(mine[start:], batch, prompts,
-                                               generate(model, tokenizer, prompts, args, stop_ids, device,
-                                                        static_width)):
-            records.append(score(i, row, prompt, completions))
+        for i, row, prompt, generated in zip(mine[start:], batch, prompts,
+                                             generate(model, tokenizer, prompts, args, stop_ids, device,
+                                                      static_width)):
+            records.append(score(i, row, prompt, generated))
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -249,11 +256,14 @@ def evaluate(args):
     return summarize(records, args.num_samples), records
 
 
-def score(index, row, prompt, completions):
-    """The record of one row: its completions' scores and, for IFEval rows, each instruction's
-    outcome in IFEval's strict and loose modes."""
+def score(index, row, prompt, generated):
+    """The record of one row: its completions, whether each ended (else it was cut at
+    --max_new_tokens) and its length in tokens, their scores and, for IFEval rows, each
+    instruction's outcome in IFEval's strict and loose modes."""
     verify = verifiers.get(row["dataset"])
+    completions = [text for text, _, _ in generated]
     record = {"index": index, "prompt": prompt, "completions": completions,
+              "ended": [ended for _, ended, _ in generated], "num_tokens": [n for _, _, n in generated],
               "scores": [verify(c, row["ground_truth"]) for c in completions],
               "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
     if row["dataset"].lower() == "ifeval":
@@ -278,12 +288,18 @@ def ifeval_accuracies(records):
 
 def summarize(records, num_samples):
     """Mean score (pass@1) overall and per verifier, IFEval's prompt- and instruction-level
-    accuracies, and pass@k for k in 1, 2, 4, ... <= n."""
+    accuracies, pass@k for k in 1, 2, 4, ... <= n, and the fraction of completions that ended
+    (rather than being cut at --max_new_tokens) and their mean length."""
     by_verifier = defaultdict(list)
     for r in records:
         by_verifier[r["dataset"].lower()].append(r)
     summary = {"accuracy": sum(sum(r["scores"]) / num_samples for r in records) / max(1, len(records)),
                "num_rows": len(records)}
+    if records and "ended" in records[0]:
+        # a base model that has not learned its end-of-turn token runs every completion to the limit
+        completions = max(1, len(records) * num_samples)
+        summary["completions/ended"] = sum(sum(r["ended"]) for r in records) / completions
+        summary["completions/mean_tokens"] = sum(sum(r["num_tokens"]) for r in records) / completions
     for name, group in sorted(by_verifier.items()):
         summary[f"accuracy/{name}"] = sum(sum(r["scores"]) / num_samples for r in group) / len(group)
     summary.update(ifeval_accuracies(records))

@@ -51,6 +51,13 @@ def test_ifeval_accuracies_are_prompt_and_instruction_level_strict_and_loose():
     assert not any(key.startswith("ifeval/") for key in evaluation.summarize(records[2:], 2))
 
 
+def test_summary_counts_completions_that_ended_and_their_length():
+    records = [{"dataset": "gsm8k", "scores": [1.0, 0.0], "ended": [True, False], "num_tokens": [5, 64]},
+               {"dataset": "gsm8k", "scores": [0.0, 0.0], "ended": [False, False], "num_tokens": [64, 64]}]
+    summary = evaluation.summarize(records, 2)
+    assert summary["completions/ended"] == 0.25 and summary["completions/mean_tokens"] == (5 + 3 * 64) / 4
+
+
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("random_model")
@@ -75,6 +82,31 @@ def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_p
         assert record["ground_truth"] == row["ground_truth"]
         assert record["scores"] == [verify(record["completions"][0], row["ground_truth"])]
     assert last_json(proc_two.stdout)["accuracy"] == pytest.approx(sum(r["scores"][0] for r in two) / 12)
+
+
+def test_completions_end_at_the_first_stop_token_or_are_cut_at_max_new_tokens(random_checkpoint):
+    """generate's (text, ended, length) against the same sampling (same seed) with no stop token: a
+    completion ends at the first stop token in it, else it is cut at --max_new_tokens."""
+    model = evaluation.load_model(random_checkpoint, torch.float32, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(random_checkpoint, padding_side="left")
+    prompts = ["What is 12 + 30?", "Hi", "What is 7 times 8?", "What is 3 + 4?"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(0)
+    raw = model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0,
+                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    raw = raw[:, enc.input_ids.shape[1]:].tolist()
+    position = next(p for p in range(1, 8) if raw[0][p] not in raw[0][:p])  # the first time a token appears
+    stop = raw[0][position]
+    args = evaluation.Args(model=str(random_checkpoint), max_new_tokens=8, temperature=1.0)
+    torch.manual_seed(0)
+    generated = evaluation.generate(model, tokenizer, prompts, args, [stop], torch.device("cpu"))
+    for tokens, [(text, ended, length)] in zip(raw, generated):
+        expected_length = tokens.index(stop) + 1 if stop in tokens else 8
+        assert (ended, length) == (stop in tokens, expected_length)
+        assert text == tokenizer.decode(tokens[:expected_length], skip_special_tokens=True)
+    assert generated[0][0][1:] == (True, position + 1)
+    assert not all(ended for [(_, ended, _)] in generated), "every completion ended: pick another seed"
 
 
 def last_json(stdout):
