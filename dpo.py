@@ -12,7 +12,7 @@ The reference log-probs are computed once before training, by the initial policy
 --ref_model), and cached on disk under a hash of everything they depend on, so no reference model
 sits in memory during training and a rerun or --resume skips the reference pass. Chosen and
 rejected run in one concatenated forward; only the final assistant response carries log-probs,
-which come from kernels/ without [tokens, vocab] logits. The loss is a mean over the pairs of the
+which come from nanopost/kernels/ without [tokens, vocab] logits. The loss is a mean over the pairs of the
 global batch (all micro-batches, all ranks), so accumulation and data parallelism give the same
 update as one batch.
 
@@ -53,8 +53,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from kernels import linear_logprobs
-from kernels.packed_attention import packed_attention
+from nanopost.kernels import linear_logprobs
+from nanopost.kernels.packed_attention import packed_attention
 
 AttentionInterface.register("packed", packed_attention)
 
@@ -393,7 +393,7 @@ def collate(sequences, packed, pad_id):
     """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no
     log-prob) and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids
     restarting at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each
-    sequence (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to
+    sequence (nanopost/kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to
     the longest [N, T]; causal attention never lets a real token see the padding after it."""
     if packed:
         lengths = [len(ids) for ids, _ in sequences]

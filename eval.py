@@ -30,8 +30,8 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation import CompileConfig
 
-import verifiers
-from verifiers.ifeval import instruction_results
+from nanopost import verifiers
+from nanopost.verifiers.ifeval import instruction_results
 
 
 @dataclass

@@ -68,9 +68,9 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
 from transformers.generation import CompileConfig
 from transformers.utils import logging as transformers_logging
 
-import verifiers
-from kernels import linear_logprobs
-from kernels.packed_attention import packed_attention
+from nanopost import verifiers
+from nanopost.kernels import linear_logprobs
+from nanopost.kernels.packed_attention import packed_attention
 
 AttentionInterface.register("packed", packed_attention)
 
@@ -653,7 +653,7 @@ def collate(sequences, packed, pad_id):
     """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
     and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
     at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
-    (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
+    (nanopost/kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
     longest [N, T]; causal attention never lets a real token see the padding after it."""
     if packed:
         lengths = [len(ids) for ids, _ in sequences]

@@ -6,7 +6,7 @@ losses are summed over the global batch (all micro-batches, all ranks) and divid
 of loss tokens, so gradient accumulation and data parallelism give the same update as one big
 batch. Each global batch is sorted by length before it is split into micro-batches, and each
 micro-batch's conversations are packed into one row with attention confined to each (FlashAttention's
-varlen_attn on CUDA), so no compute goes to padding. Log-probs come from kernels/ (the head never
+varlen_attn on CUDA), so no compute goes to padding. Log-probs come from nanopost/kernels/ (the head never
 materializes [tokens, vocab] logits, and runs only on loss tokens).
 
 References: Ouyang et al. 2022 (InstructGPT, SFT stage); Lambert et al. 2024 (Tulu 3, the recipe
@@ -42,8 +42,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from kernels import linear_logprobs
-from kernels.packed_attention import packed_attention
+from nanopost.kernels import linear_logprobs
+from nanopost.kernels.packed_attention import packed_attention
 
 AttentionInterface.register("packed", packed_attention)
 
@@ -290,7 +290,7 @@ def collate(sequences, packed, pad_id):
     """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
     and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
     at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
-    (kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
+    (nanopost/kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
     longest [N, T]; causal attention never lets a real token see the padding after it."""
     if packed:
         lengths = [len(ids) for ids, _ in sequences]

@@ -9,7 +9,7 @@ heads, vocab 151936, tied embeddings) on the same random token pairs: per step 8
 The anchor, TRL's DPOTrainer measured this way on one H100 80GB: 61k tokens/s at a 25.9 GiB peak.
 
 - nanopost runs dpo.py's own pieces: SequenceLogprobs under FSDP2 (bf16 params, fp32 master
-  weights and reduction), the fused head from kernels/, preference_loss (sigmoid), gradient
+  weights and reduction), the fused head from nanopost/kernels/, preference_loss (sigmoid), gradient
   clipping and fused AdamW, one micro-batch of 16 sequences (chosen and rejected) packed into one row.
   The reference log-probs are precomputed by one no-grad pass, as dpo.py does once and caches;
   that pass is timed too, and `amortized` is the throughput with it included (each pair seen once).

@@ -20,14 +20,14 @@ What it runs, in order (group: steps):
                           tokenizer, built locally, no hub access), on the demo data in data/,
                           saving a resumable checkpoint; sft_resume continues sft from it; eval
                           scores sft's final Hugging Face checkpoint
-  bench:   bench_kernels  bench/kernels.py: head forward+backward vs torch eager, Liger, Apple's CCE
+  bench:   bench_fused_head  bench/fused_head.py: head forward+backward vs torch eager, Liger, Apple's CCE
            bench_sft      bench/sft.py: SFT step vs Hugging Face and Hugging Face + Liger
            bench_dpo      bench/dpo.py: DPO step vs TRL's DPOTrainer
            bench_grpo     bench/grpo.py: GRPO step vs TRL's GRPOTrainer
            bench_ppo_rlvr bench/ppo_rlvr.py: PPO step (no anchor)
            bench_padding_free bench/padding_free.py: SFT steps on chat-length sequences, padded vs
                           packed (padding-free): real tokens/s and peak memory
-           bench_verifiers bench/verifiers.py: verifications per second (CPU)
+           bench_verifier_speed bench/verifier_speed.py: verifications per second (CPU)
 An anchor that is not installed is skipped by its benchmark with the reason recorded; a step
 whose required packages are missing is skipped the same way.
 
@@ -77,9 +77,9 @@ QWEN_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 
 # nanopost against its anchors: (benchmark, metric, anchor impl, fields that tell cases apart, target)
 COMPARISONS = [
-    ("kernels", "ms", "apple_cce", ["H"], "time <= CCE"),
-    ("kernels", "peak_extra_GiB", "apple_cce", ["H"], "<= 1.1x CCE"),
-    ("kernels", "ms", "liger_flce", ["H"], ""),
+    ("fused_head", "ms", "apple_cce", ["H"], "time <= CCE"),
+    ("fused_head", "peak_extra_GiB", "apple_cce", ["H"], "<= 1.1x CCE"),
+    ("fused_head", "ms", "liger_flce", ["H"], ""),
     ("sft", "tokens_per_s", "hf_liger", [], ">= 120k tokens/s"),
     ("sft", "peak_GiB", "hf_liger", [], "<= 18 GiB"),
     ("sft", "tokens_per_s", "hf", [], ""),
@@ -107,13 +107,13 @@ def torchrun(script, *args):
 def bench_steps(cpu_smoke):
     """One step per bench/*.py; a benchmark without an entry here is an error, so none is forgotten."""
     sizes = {  # (arguments on a GPU, arguments for --cpu-smoke), timeout in seconds
-        "kernels.py": ([], None, 900),
+        "fused_head.py": ([], None, 900),
         "sft.py": ([], ["--small", "--steps", "3"], 900),
         "dpo.py": ([], ["--small", "--steps", "4"], 900),
         "grpo.py": ([], ["--tiny", "--steps", "3"], 900),
         "ppo_rlvr.py": ([], ["--small", "--steps", "3"], 600),
         "padding_free.py": ([], ["--small", "--steps", "4"], 900),
-        "verifiers.py": (["--seconds", "1"], ["--seconds", "0.2"], 120),
+        "verifier_speed.py": (["--seconds", "1"], ["--seconds", "0.2"], 120),
     }
     needs = {"sft.py": ["tyro", "datasets"], "dpo.py": ["tyro", "datasets"], "grpo.py": ["tyro", "datasets"],
              "ppo_rlvr.py": ["tyro", "datasets"], "padding_free.py": ["tyro", "datasets"]}
@@ -123,7 +123,7 @@ def bench_steps(cpu_smoke):
     steps = []
     for name, (gpu_args, smoke_args, timeout) in sizes.items():
         args = smoke_args if cpu_smoke else gpu_args
-        needs_cuda = args is None or (not cpu_smoke and name != "verifiers.py")
+        needs_cuda = args is None or (not cpu_smoke and name != "verifier_speed.py")
         steps.append(Step(f"bench_{name.removesuffix('.py')}", "bench",
                           [sys.executable, f"bench/{name}", *(args or [])], timeout, needs.get(name, []), needs_cuda))
     return steps

@@ -14,9 +14,9 @@ are clipped to [8, --max_seq_len] (4096: Tulu 3's SFT truncation). --sigma varie
 
 A step is sft.py's own: per_device_batch_size x grad_accum_steps conversations, sorted by length and
 cut into micro-batches by sft.micro_batches, through sft.PolicyLogprobs under FSDP2 (bf16 params,
-fp32 master weights and reduction, the fused head of kernels/), the loss on the second half of each
+fp32 master weights and reduction, the fused head of nanopost/kernels/), the loss on the second half of each
 conversation, gradient clipping and fused AdamW. `padded` runs right-padded rows with sdpa;
-`packed` runs one row per micro-batch with kernels/packed_attention.py (varlen_attn on CUDA), as
+`packed` runs one row per micro-batch with nanopost/kernels/packed_attention.py (varlen_attn on CUDA), as
 sft.py does by default. Each mode runs in its own subprocess on the same batches, so its peak memory
 (torch.cuda.max_memory_allocated) is its own; tokens/s counts real (non-pad) tokens over the steps
 after 2 warmup steps, with the GPU synchronized.

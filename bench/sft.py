@@ -10,7 +10,7 @@ heads, vocab 151936, tied embeddings) on the same random tokens: per step one mi
 sequences of 2048 tokens with a loss on every token, AdamW (fused on CUDA), SDPA attention, no
 gradient checkpointing.
 
-- nanopost: sft.py's step: PolicyLogprobs (the fused head of kernels/, no [tokens, vocab] logits)
+- nanopost: sft.py's step: PolicyLogprobs (the fused head of nanopost/kernels/, no [tokens, vocab] logits)
   under FSDP2 with bf16 compute, fp32 master weights and fp32 gradient reduction; loss
   -sum(logp) / n_tokens, gradient clipping, AdamW.
 - hf: the transformers model in bf16 (weights, gradients and AdamW states all bf16, as the anchor

@@ -28,8 +28,8 @@ def test_plan_runs_every_script_and_every_benchmark():
     plan = gpu_check.build_plan(cpu_smoke=False, model_dir="/m", work_dir="/w")
     steps = {s.name: s for s in plan}
     benches = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "gpu_check")
-    assert list(steps) == ["tests", *SCRIPTS, *(f"bench_{b}" for b in ["kernels", "sft", "dpo", "grpo", "ppo_rlvr",
-                                                                          "padding_free", "verifiers"])]
+    assert list(steps) == ["tests", *SCRIPTS, *(f"bench_{b}" for b in ["fused_head", "sft", "dpo", "grpo", "ppo_rlvr",
+                                                                          "padding_free", "verifier_speed"])]
     assert sorted(n.removeprefix("bench_") for n in steps if n.startswith("bench_")) == benches
     assert "tests/test_kernels_gpu.py" in steps["tests"].cmd and "tests/test_kernels_aot.py" in steps["tests"].cmd
     for name in SCRIPTS:
@@ -47,7 +47,7 @@ def test_plan_runs_every_script_and_every_benchmark():
     smoke = {s.name: s for s in gpu_check.build_plan(cpu_smoke=True, model_dir="assets/tiny", work_dir="/w")}
     assert list(smoke) == list(steps)
     assert not any("bf16" in s.cmd for s in smoke.values())
-    assert smoke["bench_kernels"].needs_cuda and not smoke["bench_dpo"].needs_cuda
+    assert smoke["bench_fused_head"].needs_cuda and not smoke["bench_dpo"].needs_cuda
     assert "--small" in smoke["bench_dpo"].cmd and "--tiny" in smoke["bench_grpo"].cmd
 
 
@@ -108,7 +108,7 @@ def sample_records():
         dict(name="tests", group="tests", status="passed", seconds=95.0, results=[], reason="11 passed in 90.1s"),
         dict(name="sft", group="scripts", status="failed", seconds=12.0, results=[], reason="...\nRuntimeError: boom"),
         dict(name="dpo", group="scripts", status="skipped", seconds=0, results=[], reason="needs tyro (not installed)"),
-        dict(name="bench_kernels", group="bench", status="passed", seconds=80.0, results=kernels),
+        dict(name="bench_fused_head", group="bench", status="passed", seconds=80.0, results=kernels),
         dict(name="bench_sft", group="bench", status="passed", seconds=60.0, results=sft),
     ]
 
@@ -120,45 +120,46 @@ def test_summary_compares_with_each_anchor_and_lists_every_step(tmp_path):
     gpu_check.write_summary(tmp_path, machine, sample_records())
     summary = json.loads((tmp_path / "summary.json").read_text())
     compared = {(c["bench"], c["case"], c["metric"], c["anchor"]): c for c in summary["comparisons"]}
-    assert compared[("kernels", "H=896", "ms", "apple_cce")]["ratio"] == 0.8
-    assert compared[("kernels", "H=4096", "ms", "apple_cce")]["ratio"] == 1.1
-    assert compared[("kernels", "H=4096", "peak_extra_GiB", "apple_cce")]["target"] == "<= 1.1x CCE"
-    assert compared[("kernels", "H=896", "ms", "liger_flce")]["anchor_value"] == \
+    assert compared[("fused_head", "H=896", "ms", "apple_cce")]["ratio"] == 0.8
+    assert compared[("fused_head", "H=4096", "ms", "apple_cce")]["ratio"] == 1.1
+    assert compared[("fused_head", "H=4096", "peak_extra_GiB", "apple_cce")]["target"] == "<= 1.1x CCE"
+    assert compared[("fused_head", "H=896", "ms", "liger_flce")]["anchor_value"] == \
         "not run: liger-kernel is not installed"
     assert compared[("sft", "", "tokens_per_s", "hf")]["ratio"] == 1.6
     assert compared[("sft", "", "tokens_per_s", "hf_liger")]["anchor_value"] == \
         "not run: liger-kernel is not installed"
     assert len(summary["steps"]) == 5
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(lines) == 9 and {line["bench"] for line in lines} == {"kernels", "sft"}
+    assert len(lines) == 9 and {line["bench"] for line in lines} == {"fused_head", "sft"}
 
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# GPU check: NVIDIA H100, 2025-01-01 12:00")
     assert "compute capability 9.0, 132 SMs, 227 KiB shared memory per block" in md
     for row in ("| tests | passed | 95 | 11 passed in 90.1s |", "| sft | failed | 12 | RuntimeError: boom |",
                 "| dpo | skipped | 0 | needs tyro (not installed) |",
-                "| kernels | H=896 | ms | 20 | apple_cce | 25 | 0.8 | time <= CCE |",
+                "| fused_head | H=896 | ms | 20 | apple_cce | 25 | 0.8 | time <= CCE |",
                 "| sft |  | tokens_per_s | 120,000 | hf_liger | not run: liger-kernel is not installed |  | "
                 ">= 120k tokens/s |",
-                "## bench/kernels.py", "| impl | H | ms | peak_extra_GiB | skipped |",
+                "## bench/fused_head.py", "| impl | H | ms | peak_extra_GiB | skipped |",
                 "| nanopost | 4096 | 110 | 1.54 |  |"):
         assert row in md, row
 
 
 def test_cpu_smoke_runs_steps_and_rebuilds_its_summary(tmp_path):
     out = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--only", "bench_kernels",
-           "bench_verifiers", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--only", "bench_fused_head",
+           "bench_verifier_speed", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     steps = {p.stem: json.loads(p.read_text()) for p in (out / "steps").glob("*.json")}
-    assert steps["bench_kernels"]["status"] == "skipped" and steps["bench_kernels"]["reason"] == "needs a CUDA GPU"
-    verifiers = steps["bench_verifiers"]
+    head = steps["bench_fused_head"]
+    assert head["status"] == "skipped" and head["reason"] == "needs a CUDA GPU"
+    verifiers = steps["bench_verifier_speed"]
     assert verifiers["status"] == "passed"
     assert [r["verifier"] for r in verifiers["results"]] == ["gsm8k", "math", "ifeval", "format"]
     assert all(r["verifications_per_s"] > 0 for r in verifiers["results"])
-    assert (out / "logs" / "bench_verifiers.log").exists()
+    assert (out / "logs" / "bench_verifier_speed.log").exists()
     md = (out / "summary.md").read_text()
-    assert "## bench/verifiers.py" in md and "| bench_kernels | skipped | 0 | needs a CUDA GPU |" in md
+    assert "## bench/verifier_speed.py" in md and "| bench_fused_head | skipped | 0 | needs a CUDA GPU |" in md
     (out / "summary.md").unlink()
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--summarize", str(out)], check=True,
                    cwd=ROOT, capture_output=True)

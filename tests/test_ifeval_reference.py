@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 
 from ifeval_corpus import FAMILIES, corpus
-from verifiers.ifeval import instruction_results
+from nanopost.verifiers.ifeval import instruction_results
 
 PER_FAMILY = 300
 MIN_AGREEMENT = 0.995

@@ -3,7 +3,7 @@ against each target's per-block limits: a kernel whose tiles need more shared me
 may use fails at its first launch on that GPU, and only there.
 
 Nothing here lists the launches. A child process (`python tests/test_kernels_aot.py compile`) runs
-the dispatcher of kernels/triton_impl.py, `_forward` and `_backward`, on meta tensors of the
+the dispatcher of nanopost/kernels/triton_impl.py, `_forward` and `_backward`, on meta tensors of the
 Qwen2.5-0.5B head shape (N = 16384, H = 896, V = 151936) with each target's launch configuration
 (`launch_config`, as on that GPU), for bf16, fp16 and fp32 with TF32 off and on, with and without
 the entropy and its gradient, in the default and the deterministic backward, and records each
@@ -120,7 +120,7 @@ def record_launches(target):
     """The distinct kernel launches of linear_logprobs on `target`, each with a label."""
     import torch
 
-    from kernels import triton_impl
+    from nanopost.kernels import triton_impl
 
     launches = {}
 
@@ -175,7 +175,7 @@ def compile_launch(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_impl
+    from nanopost.kernels import triton_impl
 
     target, launch = job
     kernel = getattr(triton_impl, launch["kernel"])
@@ -221,7 +221,7 @@ def report(records):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # this checkout's kernels/, also in the spawned workers
+    sys.path.insert(0, str(ROOT))  # this checkout's nanopost/kernels/, also in the spawned workers
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     if sys.argv[1:] == ["compile"]:
         for record in compile_all():

@@ -80,8 +80,8 @@ def outputs(fn, hidden, weight, targets, w_logp, w_ent, **kwargs):
 
 
 def check_against_naive(n, h, v, dtype):
-    import kernels
-    from kernels.triton_impl import linear_logprobs_triton
+    from nanopost import kernels
+    from nanopost.kernels.triton_impl import linear_logprobs_triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
     inputs = make(n, h, v, getattr(torch, dtype))
@@ -100,7 +100,7 @@ def check_against_naive(n, h, v, dtype):
 
 
 def check_fp32(n, h, v):
-    from kernels.triton_impl import linear_logprobs_triton
+    from nanopost.kernels.triton_impl import linear_logprobs_triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
     inputs = make(n, h, v, torch.float32)
@@ -113,7 +113,7 @@ def check_fp32(n, h, v):
 
 
 def check_deterministic(n, h, v):
-    from kernels.triton_impl import linear_logprobs_triton
+    from nanopost.kernels.triton_impl import linear_logprobs_triton
 
     inputs = make(n, h, v, torch.bfloat16)
     first, second = (outputs(linear_logprobs_triton, *inputs, deterministic=True) for _ in range(2))

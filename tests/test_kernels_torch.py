@@ -1,10 +1,10 @@
-"""The chunked torch path of kernels.linear_logprobs against a plain fp32 torch computation."""
+"""The chunked torch path of nanopost.kernels.linear_logprobs against a plain fp32 torch computation."""
 
 import pytest
 import torch
 
-import kernels.reference
-from kernels import linear_logprobs
+from nanopost.kernels import reference
+from nanopost.kernels import linear_logprobs
 
 pytestmark = pytest.mark.math
 
@@ -36,7 +36,7 @@ def make(n, h, v, seed=0, ignore_frac=0.2, scale=2.0):
 @pytest.mark.parametrize("n,h,v", [(7, 16, 50257), (5, 8, 151936), (33, 24, 101), (1, 4, 3)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_and_grads_match_plain_fp32(n, h, v, temperature, monkeypatch):
-    monkeypatch.setattr(kernels.reference, "CHUNK_ELEMENTS", 4 * v)  # force several chunks
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 4 * v)  # force several chunks
     hidden, weight, targets = make(n, h, v)
     w_logp, w_ent = torch.randn(n).abs(), torch.randn(n)
 

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels.triton_impl, run by the Triton interpreter on CPU in fp32 at tiny
+"""The Triton kernels of nanopost.kernels.triton_impl, run by the Triton interpreter on CPU in fp32 at tiny
 shapes, against the torch reference and a plain fp64 torch computation.
 
 Triton chooses between interpreting and compiling when it is imported, once per process, so
@@ -20,9 +20,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import triton_impl  # noqa: E402
-from kernels.reference import linear_logprobs_torch  # noqa: E402
+from nanopost import kernels  # noqa: E402
+from nanopost.kernels import triton_impl  # noqa: E402
+from nanopost.kernels.reference import linear_logprobs_torch  # noqa: E402
 from test_kernels_aot import TARGETS  # noqa: E402
 from test_kernels_torch import make, plain  # noqa: E402
 
@@ -160,18 +160,18 @@ def test_mixed_dtypes_are_rejected():
 
 
 def test_import_kernels_does_not_import_triton_and_cpu_uses_torch():
-    code = ("import sys, torch, kernels\n"
+    code = ("import sys, torch\nfrom nanopost import kernels\n"
             "hidden = torch.randn(3, 8, requires_grad=True)\n"
             "logp, _ = kernels.linear_logprobs(hidden, torch.randn(5, 8), torch.tensor([0, 1, 2]))\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n"
             "assert type(logp.grad_fn).__name__ == '_LinearLogprobsBackward', type(logp.grad_fn)\n")
-    root = Path(kernels.__file__).parents[1]
+    root = Path(kernels.__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
 
 
 def test_benchmark_script_starts_without_gpu():
-    root = Path(kernels.__file__).parents[1]
-    result = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--help"], capture_output=True,
+    root = Path(kernels.__file__).parents[2]
+    result = subprocess.run([sys.executable, str(root / "bench" / "fused_head.py"), "--help"], capture_output=True,
                             text=True, check=True, cwd=root)
     assert "--hidden" in result.stdout

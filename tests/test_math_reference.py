@@ -9,7 +9,7 @@ disagreement, or a listed one that went away, fails the test, so the list stays 
 
 import pytest
 
-import verifiers
+from nanopost import verifiers
 
 math_answer = verifiers.get("math")
 

@@ -19,7 +19,7 @@ import dpo  # noqa: E402
 import grpo  # noqa: E402
 import ppo_rlvr  # noqa: E402
 import sft  # noqa: E402
-from kernels.packed_attention import packed_attention  # noqa: E402
+from nanopost.kernels.packed_attention import packed_attention  # noqa: E402
 
 TINY = str(ROOT / "assets" / "tiny")
 MAX_LEN = 96  # the longest sequence of the forward tests, as if truncated at --max_seq_len
@@ -123,7 +123,7 @@ def check_against_fp64(module, packed, forward, reference):
     """forward() (a script's wrapper on its micro-batch, packed or padded) gives the outputs that
     reference() (fp64, one sequence at a time, transformers' sdpa) does, and so do the gradients of
     a random weighting of them with respect to every weight of `module`. The script's head runs in
-    fp32 (kernels/), hence the tolerances."""
+    fp32 (nanopost/kernels/), hence the tolerances."""
     module.set_attn_implementation("sdpa")
     expected = reference()
     module.set_attn_implementation("packed" if packed else "sdpa")

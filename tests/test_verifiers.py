@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import verifiers
-from verifiers.ifeval import instruction_results
+from nanopost import verifiers
+from nanopost.verifiers.ifeval import instruction_results
 
 ROOT = Path(__file__).resolve().parents[1]
 gsm8k, math_answer, ifeval, think_format = (verifiers.get(n) for n in ("gsm8k", "math", "ifeval", "format"))
@@ -348,7 +348,7 @@ def test_ifeval_loose_mode_drops_first_and_last_lines_and_stars():
 
 def test_ifeval_counts_sentences_and_capital_words_in_the_first_10000_characters():
     # The one documented departure from the official checker, which would count all five NASAs.
-    from verifiers.ifeval import MAX_TOKENIZED_CHARS
+    from nanopost.verifiers.ifeval import MAX_TOKENIZED_CHARS
 
     truth = ifeval_g(["change_case:capital_word_frequency"], [{"capital_frequency": 3, "capital_relation": "at least"}])
     assert ifeval("a " * (MAX_TOKENIZED_CHARS // 2 - 10) + "NASA " * 5, truth) == 1.0  # three fit in the window
@@ -361,7 +361,7 @@ def test_ifeval_counts_sentences_and_capital_words_in_the_first_10000_characters
 def test_linear_scans_equal_the_regexes_they_replace():
     # The graders' patterns that backtrack quadratically are computed by scans; on a seeded soup
     # of the characters that matter they must count exactly what the regexes count.
-    from verifiers import ifeval as module
+    from nanopost.verifiers import ifeval as module
 
     rng = random.Random(0)
     alphabet = ["*", "*", "-", " ", "\n", "\n", "\t", "[", "]", "<", "<", ">", ">", "a", "P", ".", "s", "\u2003"]

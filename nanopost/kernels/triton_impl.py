@@ -42,7 +42,7 @@ def launch_config(dtype, shared_memory):
     there depends on the Triton release: with 128 columns Triton 3.8 needs 176 KiB, more than an
     A100 block may use (163 KiB); 3 stages where a block may use 128 KiB, else 2 (sm_86, sm_89).
     tests/test_kernels_aot.py compiles every kernel with these for sm_80, sm_89 and sm_90 and checks
-    that each fits; kernels/README.md lists what each uses.
+    that each fits; nanopost/kernels/README.md lists what each uses.
     """
     if dtype == torch.float32:
         stages = 3 if shared_memory >= 128 * 1024 else 2
@@ -288,7 +288,7 @@ class _LinearLogprobsTriton(torch.autograd.Function):
 
 def linear_logprobs_triton(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=False,
                            deterministic=None):
-    """Same contract as `kernels.linear_logprobs`; hidden and weight share one dtype.
+    """Same contract as `nanopost.kernels.linear_logprobs`; hidden and weight share one dtype.
 
     deterministic: bitwise reproducible gradients (two recomputing passes, no atomics). None means
     `deterministic_default()`.

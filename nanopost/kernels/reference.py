@@ -71,6 +71,6 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def linear_logprobs_torch(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=False):
-    """Same contract as `kernels.linear_logprobs`, in chunked torch."""
+    """Same contract as `nanopost.kernels.linear_logprobs`, in chunked torch."""
     logp, entropy = _LinearLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, with_entropy)
     return logp, entropy

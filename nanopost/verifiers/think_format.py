@@ -5,8 +5,8 @@ opening tag may be missing (R1 chat templates put it in the prompt), each tag oc
 reasoning and the answer are non-blank; else 0.0. The ground truth is ignored.
 """
 
-from verifiers import register
-from verifiers.extract import THINK_CLOSE, THINK_OPEN
+from nanopost.verifiers import register
+from nanopost.verifiers.extract import THINK_CLOSE, THINK_OPEN
 
 
 @register("format")

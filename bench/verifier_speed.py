@@ -1,6 +1,6 @@
 """Verifications per second of each verifier on realistic (completion, ground truth) pairs, on CPU.
 
-    python bench/verifiers.py [--seconds 1.0]
+    python bench/verifier_speed.py [--seconds 1.0]
 
 Inputs: GSM8K reference solutions (tests/data) against bare answers, R1-style MATH completions
 with a few hundred characters of reasoning and a boxed answer (right and wrong, numbers and
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import verifiers  # noqa: E402
+from nanopost import verifiers  # noqa: E402
 
 REASONING = ("<think>Let me set up the equation. The two conditions give a system; substituting the "
              "first into the second and simplifying, I get a quadratic whose roots I check against "

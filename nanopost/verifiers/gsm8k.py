@@ -14,8 +14,8 @@ Equal means numerically equal with exact rational arithmetic: 18 = 18.0 = 18.00 
 import re
 from fractions import Fraction
 
-from verifiers import register
-from verifiers.extract import NUMBER_RE, last_boxed, normalize_minus, parse_number, strip_think
+from nanopost.verifiers import register
+from nanopost.verifiers.extract import NUMBER_RE, last_boxed, normalize_minus, parse_number, strip_think
 
 _LATEX_FRACTION = re.compile(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}")
 

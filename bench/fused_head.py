@@ -1,7 +1,7 @@
 """LM-head cross-entropy forward + backward: time and peak extra memory, side by side in one run.
 
-    python bench/kernels.py                 # N=16384, V=151936, H in {896, 4096}, bf16, one H100
-    python bench/kernels.py --hidden 896 --impls nanopost apple_cce
+    python bench/fused_head.py                 # N=16384, V=151936, H in {896, 4096}, bf16, one H100
+    python bench/fused_head.py --hidden 896 --impls nanopost apple_cce
 
 Compares nanopost's linear_logprobs (default and deterministic backward, and with entropy, as
 GRPO uses it) against torch eager over full logits, Liger's fused linear cross-entropy and Apple's
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# run as a script, bench/ comes first on sys.path and this file would shadow the kernels package
+# the repository root, so that nanopost imports without an install
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -34,8 +34,8 @@ def torch_eager(hidden, weight, targets):
 
 
 def nanopost(deterministic=None, with_entropy=False):
-    from kernels import linear_logprobs
-    from kernels.triton_impl import linear_logprobs_triton
+    from nanopost.kernels import linear_logprobs
+    from nanopost.kernels.triton_impl import linear_logprobs_triton
 
     def loss(hidden, weight, targets):
         if deterministic is None:
@@ -112,7 +112,7 @@ def main():
     parser.add_argument("--rtol", type=float, default=5e-3, help="allowed relative loss difference to fp32")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/fused_head.py needs a CUDA GPU")
     impls, skipped = implementations()
     if args.impls:
         skipped = {name: reason for name, reason in skipped.items() if name in args.impls}

@@ -12,16 +12,16 @@ SFT loss is -logp.sum() / n_loss_tokens; DPO sums logp per sequence; PPO and GRP
 logp (at the sampling temperature) and entropy.
 
 On CUDA tensors of one dtype, with triton installed, this runs the Triton kernels of
-`kernels.triton_impl`; elsewhere the chunked torch reference of `kernels.reference`. The Triton
+`nanopost.kernels.triton_impl`; elsewhere the chunked torch reference of `nanopost.kernels.reference`. The Triton
 backward is bitwise reproducible (at some cost) when `torch.use_deterministic_algorithms(True)`
-is on or NANOPOST_DETERMINISTIC=1; see kernels/README.md.
+is on or NANOPOST_DETERMINISTIC=1; see nanopost/kernels/README.md.
 """
 
 import importlib.util
 
 import torch
 
-from kernels.reference import linear_logprobs_torch
+from nanopost.kernels.reference import linear_logprobs_torch
 
 __all__ = ["linear_logprobs", "linear_logprobs_torch"]
 
@@ -39,14 +39,14 @@ def _check(hidden, weight, targets, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-# triton is imported only when a CUDA call needs it, so `import kernels` works without it
+# triton is imported only when a CUDA call needs it, so `import nanopost.kernels` works without it
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, with_entropy=False):
     _check(hidden, weight, targets, temperature)
     if hidden.is_cuda and weight.is_cuda and hidden.dtype == weight.dtype and _HAS_TRITON:
-        from kernels.triton_impl import linear_logprobs_triton
+        from nanopost.kernels.triton_impl import linear_logprobs_triton
 
         return linear_logprobs_triton(hidden, weight, targets, temperature, ignore_index, with_entropy)
     return linear_logprobs_torch(hidden, weight, targets.long(), temperature, ignore_index, with_entropy)
