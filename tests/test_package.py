@@ -75,4 +75,4 @@ def test_every_script_starts_with_todays_transformers(script):
     """`python X.py --help` imports everything the script imports, transformers' model classes included."""
     proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=ENV)
-    assert proc.returncode == 0 and "--output_dir" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "--seed" in proc.stdout, proc.stderr[-3000:]
