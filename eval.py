@@ -7,12 +7,12 @@ pass@1 accuracy; with --temperature > 0 and --num_samples n, it reports the mean
 and the unbiased pass@k of Chen et al. 2021 for each k <= n. Prints accuracy per verifier (GSM8K and
 MATH accuracy as their papers report it) and, for IFEval rows, IFEval's four numbers: prompt-level
 and instruction-level accuracy, strict and loose. Writes every prompt, completion and score to a
-jsonl file.
+jsonl file. Generation is the RL scripts' own (the same sample() below the banner).
 
     python eval.py                                              # runs/sft/final on the demo's test split
     python eval.py --model runs/pipeline/grpo/final             # a checkpoint of `python pipeline.py`
     torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
-        --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --max_new_tokens 1024 \\
+        --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --max_completion_len 1024 \\
         --temperature 0.6 --num_samples 8
 """
 
@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import tyro
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation import CompileConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from nanopost import verifiers
 from nanopost.verifiers.ifeval import instruction_results
@@ -36,16 +35,9 @@ from nanopost.verifiers.ifeval import instruction_results
 
 @dataclass
 class Args:
-    model: str = "runs/sft/final"
-    """hub id or local Hugging Face checkpoint (e.g. output_dir/final of any script)"""
-    dataset: str = "data/test.jsonl"
-    """hub id or local .jsonl/.parquet with messages, ground_truth, dataset columns"""
-    dataset_split: str = "test"
-    """split of a hub dataset"""
+    # evaluation
     max_rows: int | None = None
     """evaluate only the first N rows"""
-    max_new_tokens: int = 64
-    """completion length limit (real math evals: 1024-4096)"""
     temperature: float = 0.0
     """0 = greedy; > 0 samples"""
     top_p: float = 1.0
@@ -54,21 +46,25 @@ class Args:
     """completions per prompt (needs temperature > 0 when > 1); pass@k is reported for k <= this"""
     batch_size: int = 64
     """prompts per generate call on each rank"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """dtype the model is loaded and run in. auto = bf16 on CUDA, fp32 on CPU"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
-    """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step
-    compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while once)
-    or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
+    """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step compiled
+    once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
     output: str | None = None
     """jsonl of prompts, completions and scores (None: eval_<dataset name>.jsonl beside a local model)"""
+
+    # common flags: the same names, in the same order, in every script
+    model: str = "runs/sft/final"
+    """hub id or local Hugging Face checkpoint (e.g. output_dir/final of any script)"""
+    dataset: str = "data/test.jsonl"
+    """hub id or local .jsonl/.parquet with messages, ground_truth, dataset columns"""
+    dataset_split: str = "test"
+    """split of a hub dataset"""
+    max_completion_len: int = 64
+    """new tokens per completion (real math evals: 1024-4096)"""
     seed: int = 0
     """sampling seed (each rank uses seed + rank)"""
-
-
-class InputError(ValueError):
-    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
-    script prints it alone, without a traceback."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype the model is loaded and run in; auto = bf16 on CUDA, fp32 on CPU"""
 
 
 def pass_at_k(n, c, k):
@@ -79,124 +75,9 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def load_rows(name, split):
-    """The rows of a local .jsonl/.json/.parquet file, or of a split of a hub dataset or local dataset
-    directory."""
-    import datasets  # imported here: it is slow to import and only needed once
-
-    datasets.disable_progress_bars()
-    if not os.path.isfile(name):
-        return datasets.load_dataset(name, split=split).to_list()
-    kind = "parquet" if name.endswith(".parquet") else "json"
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
-    try:
-        return datasets.load_dataset(kind, data_files=name, split="train").to_list()
-    except datasets.exceptions.DatasetGenerationError as error:
-        raise InputError(f"{name}: {unreadable(name, error)}") from None
-    finally:
-        datasets.logging.set_verbosity_warning()
-
-
-def unreadable(path, error):
-    """What is wrong with a local data file that datasets could not read: the first row of a JSON
-    lines file that is not JSON, else the reader's own message."""
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-        for row, (number, line) in enumerate(rows):
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as bad:
-                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
-    return f"cannot be read: {error.__cause__ or error}"
-
-
-def check_rows(rows, name):
-    known = set(verifiers.names())
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("messages"), list) or not row["messages"]:
-            raise InputError(f"{name} row {i}: `messages` must be a non-empty list of {{role, content}}")
-        if not isinstance(row.get("ground_truth"), str):
-            raise InputError(f"{name} row {i}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.100}")
-        if str(row.get("dataset", "")).lower() not in known:
-            raise InputError(f"{name} row {i}: `dataset` {row.get('dataset')!r} is not a verifier "
-                             f"(known: {sorted(known)})")
-
-
-def end_of_turn_ids(tokenizer, model):
-    """Generation stops at the chat template's end-of-turn token(s) and the model's eos."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids]) - {None}
-    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
-    text = tokenizer.apply_chat_template(probe, tokenize=False)
-    after = tokenizer(text[text.rindex("PROBE") + len("PROBE"):], add_special_tokens=False).input_ids
-    if after:
-        ids.add(after[0])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
-def load_model(name, dtype, device):
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-
-
-def cache_settings(static):
-    """generate() options for the KV cache: always on (whatever the model's config says), and with
-    `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile) and
-    replays it; transformers would compile only on GPUs, this asks it to on any device."""
-    if not static:
-        return {"use_cache": True}
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True
-    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
-
-
-def generate(model, tokenizer, prompts, args, stop_ids, device, static_width=None):
-    """num_samples completions for each prompt: (text, whether it ended with a stop token rather than
-    at --max_new_tokens, its number of tokens). With static_width, prompts are left-padded to that
-    many tokens and the KV cache is static (see cache_settings)."""
-    padding = dict(padding="max_length", max_length=static_width) if static_width else dict(padding=True)
-    enc = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, **padding).to(device)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
-                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                             **cache_settings(static_width is not None), **sampling)
-    new_tokens = out[:, enc.input_ids.shape[1]:]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    # generate pads a finished completion, so tokens up to and including the first stop are its own
-    stops = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
-    ended = stops.any(dim=1)
-    lengths = torch.where(ended, stops.int().argmax(dim=1) + 1, new_tokens.shape[1])
-    completions = list(zip(texts, ended.tolist(), lengths.tolist()))
-    return [completions[i * args.num_samples:(i + 1) * args.num_samples] for i in range(len(prompts))]
-
-
-def names_local_path(name):
-    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
-    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
-    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
-    parts = name.split("/")
-    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
-        or (len(parts) == 2 and os.path.isdir(parts[0]))
-
-
-def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
-             if os.path.isdir(path)]
-    if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
-
-
 def check_args(args):
     """Every flag and path, before anything heavy runs."""
-    for name in ("max_new_tokens", "num_samples", "batch_size"):
+    for name in ("max_completion_len", "num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_rows is not None and args.max_rows < 1:
@@ -212,6 +93,10 @@ def check_args(args):
         raise InputError(f"--dataset {args.dataset}: no such file or directory")
 
 
+def load_model(name, dtype, device):
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+
+
 def evaluate(args):
     """Scores this process's share of the rows; returns (summary dict, per-row records) on rank 0."""
     check_args(args)
@@ -221,34 +106,29 @@ def evaluate(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
-    rows = load_rows(args.dataset, args.dataset_split)[:args.max_rows]
-    check_rows(rows, args.dataset)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
+    rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer)[:args.max_rows]
     dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     model = load_model(args.model, dtype, device)
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    # generation stops at the chat template's end-of-turn token and at the model's and the tokenizer's eos
+    eos = model.generation_config.eos_token_id
+    stop_ids = sorted({eot_id, tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     torch.manual_seed(args.seed + rank)
 
     mine = list(range(rank, len(rows), world))
-    static_width = None
-    if args.generation_cache == "static" or (args.generation_cache == "auto" and device.type == "cuda"):
-        # one width for every batch, so that the compiled decode step is replayed, not recompiled
-        texts = [tokenizer.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
-                 for i in mine]
-        static_width = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids), default=1)
+    # a static cache: one width for every batch, so that the compiled decode step is replayed, not recompiled
+    width = max((len(rows[i]["prompt_ids"]) for i in mine), default=1) \
+        if static_cache(args.generation_cache, device) else None
     records = []
     for start in range(0, len(mine), args.batch_size):
-        batch = [rows[i] for i in mine[start:start + args.batch_size]]
-        prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-                   for r in batch]
-        for i, row, prompt, generated in zip(mine[start:], batch, prompts,
-                                             generate(model, tokenizer, prompts, args, stop_ids, device,
-                                                      static_width)):
-            records.append(score(i, row, prompt, generated))
+        batch = mine[start:start + args.batch_size]
+        prompts = [rows[i]["prompt_ids"] for i in batch for _ in range(args.num_samples)]
+        completions, ended = sample(model, prompts, pad_id, stop_ids, args.max_completion_len, args.temperature,
+                                    args.top_p, width)
+        for k, i in enumerate(batch):
+            mine_k = range(k * args.num_samples, (k + 1) * args.num_samples)
+            records.append(score(i, rows[i], tokenizer, [completions[j] for j in mine_k], [ended[j] for j in mine_k]))
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -256,19 +136,18 @@ def evaluate(args):
     return summarize(records, args.num_samples), records
 
 
-def score(index, row, prompt, generated):
+def score(index, row, tokenizer, completions, ended):
     """The record of one row: its completions, whether each ended (else it was cut at
-    --max_new_tokens) and its length in tokens, their scores and, for IFEval rows, each
+    --max_completion_len) and its length in tokens, their scores and, for IFEval rows, each
     instruction's outcome in IFEval's strict and loose modes."""
-    verify = verifiers.get(row["dataset"])
-    completions = [text for text, _, _ in generated]
-    record = {"index": index, "prompt": prompt, "completions": completions,
-              "ended": [ended for _, ended, _ in generated], "num_tokens": [n for _, _, n in generated],
-              "scores": [verify(c, row["ground_truth"]) for c in completions],
-              "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
-    if row["dataset"].lower() == "ifeval":
-        record["followed"] = [{mode: instruction_results(c, row["ground_truth"], loose=mode == "loose")
-                               for mode in ("strict", "loose")} for c in completions]
+    verify = verifiers.get(row["verifier"])
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    record = {"index": index, "prompt": tokenizer.decode(row["prompt_ids"]), "completions": texts, "ended": ended,
+              "num_tokens": [len(c) for c in completions], "scores": [verify(t, row["ground_truth"]) for t in texts],
+              "ground_truth": row["ground_truth"], "dataset": row["verifier"]}
+    if row["verifier"] == "ifeval":
+        record["followed"] = [{mode: instruction_results(t, row["ground_truth"], loose=mode == "loose")
+                               for mode in ("strict", "loose")} for t in texts]
     return record
 
 
@@ -289,7 +168,7 @@ def ifeval_accuracies(records):
 def summarize(records, num_samples):
     """Mean score (pass@1) overall and per verifier, IFEval's prompt- and instruction-level
     accuracies, pass@k for k in 1, 2, 4, ... <= n, and the fraction of completions that ended
-    (rather than being cut at --max_new_tokens) and their mean length."""
+    (rather than being cut at --max_completion_len) and their mean length."""
     by_verifier = defaultdict(list)
     for r in records:
         by_verifier[r["dataset"].lower()].append(r)
@@ -331,10 +210,193 @@ def main(args):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+# ===================== plumbing: the same code in every script that has it (tests/fix_copies.py) =====================
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
+def load_tokenizer(name):
+    """The tokenizer, its chat template's end-of-turn token (<|im_end|>, <|eot_id|>, <end_of_turn>, ...: it
+    ends every assistant turn, carries loss, and generation stops at it) as text and id, and the padding id
+    (never a target)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer.chat_template:
+        raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = text[text.rindex("PROBE") + len("PROBE"):]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids or ids[0] not in tokenizer.added_tokens_decoder:
+        raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
+    return tokenizer, tokenizer.convert_ids_to_tokens(ids[0]), ids[0], pad_id
+
+
+def check_messages(messages, where):
+    """A conversation: a non-empty list of {role, content} messages; InputError names the row and message."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
+                             f"got {m!r:.200}")
+
+
+def load_rows(name, split):
+    """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
+    import datasets  # imported here: it is slow to import and only needed once
+
+    datasets.disable_progress_bars()
+    if not os.path.isfile(name):
+        return datasets.load_dataset(name, split=split)
+    kind = "parquet" if name.endswith(".parquet") else "json"
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is reported below, once
     try:
-        main(tyro.cli(Args, use_underscores=True))
+        return datasets.load_dataset(kind, data_files=name, split="train")
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise InputError(f"{name}: {unreadable(name, error)}") from None
+    finally:
+        datasets.logging.set_verbosity_warning()
+
+
+def unreadable(path, error):
+    """What is wrong with a local data file that datasets could not read: the first row of a JSON
+    lines file that is not JSON, else the reader's own message."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        for row, (number, line) in enumerate(rows):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"row {row} (line {number}) is not valid JSON: {bad.msg} at column {bad.colno}"
+    return f"cannot be read: {error.__cause__ or error}"
+
+
+def prepare_dataset(name, split, columns, prepare, keep, dropped_because):
+    """The rows of a dataset with the given columns, each turned by prepare(row, index) into a dict (which
+    raises InputError naming a malformed row), as a list of those keep(row) accepts. Each node's local rank 0
+    prepares first, so that the node's other ranks read its datasets cache (one per node, or one shared)."""
+    rows = load_rows(name, split)
+    missing = set(columns) - set(rows.column_names)
+    if missing:
+        raise InputError(f"{name}: missing columns {sorted(missing)}, found {rows.column_names}")
+    for turn in (0, 1):
+        if (os.environ.get("LOCAL_RANK", "0") == "0") == (turn == 0):
+            rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc=f"preparing {name}")
+        if dist.is_initialized():
+            dist.barrier()
+    kept = [row for row in rows.to_list() if keep(row)]
+    if int(os.environ.get("RANK", "0")) == 0 and len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows, which {dropped_because}")
+    if not kept:
+        raise InputError(f"{name}: no usable row: all {len(rows)} {dropped_because}")
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/step_N (sharded, resumable)
+
+
+def launch(main, args_class):
+    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
+    try:
+        main(tyro.cli(args_class, use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_rl_row(row, where):
+    """A usable RL row: a prompt conversation that does not end with an assistant turn, a string ground truth,
+    and in `dataset` a registered verifier that accepts that ground truth; InputError names the row."""
+    check_messages(row.get("messages"), where)
+    if row["messages"][-1]["role"] == "assistant":
+        raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if not isinstance(row.get("ground_truth"), str):
+        raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+    if not isinstance(row.get("dataset"), str):
+        raise InputError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
+    try:
+        verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{where}: {e.args[0]}") from None
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
+    """Rows {prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt, `ground_truth`,
+    `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a malformed row
+    stops the run with its index."""
+
+    def prepare(row, index):
+        check_rl_row(row, f"{name} row {index}")
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+
+    return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,
+                           lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
+                           f"have a prompt longer than --max_prompt_len={max_prompt_len}")
+
+
+def static_cache(generation_cache, device):
+    """Whether to sample with a static KV cache: --generation_cache, where auto means on CUDA."""
+    return generation_cache == "static" or (generation_cache == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
+    """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
+    temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
+    probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
+    fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
+    Returns each completion's token ids, up to and including its first stop token, and whether it stopped
+    (else it was cut at max_new_tokens)."""
+    length = width or max(len(p) for p in prompts)
+    device = generator.device
+    ids = torch.full((len(prompts), length), pad_id, device=device)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p):] = torch.tensor(p, device=device)
+        mask[b, length - len(p):] = 1
+    # top_k=0 explicitly: unset, generate() would keep only the 50 likeliest tokens
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                              use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, length:].tolist()
+    completions, ended = [], []
+    for tokens in out:
+        end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
+        completions.append(tokens[:end])
+        ended.append(end is not None)
+    return completions, ended
+
+
+if __name__ == "__main__":
+    launch(main, Args)

@@ -10,10 +10,8 @@ weights that implement each --loss_type's normalization over the whole global ba
 accumulation and data parallelism give the same update. DAPO adds clip-higher (--epsilon_high),
 dynamic sampling (--filter_zero_std drops groups whose rewards are all equal) and its token-level
 normalization (--loss_type dapo). A rollout can be reused for --num_iterations optimizer steps,
-with the ratio taken against its log-probs at sampling time.
-
-Generation runs on each rank from a full (unsharded) copy of the policy with a KV cache, refreshed
-from the FSDP shards before each rollout: no per-layer all-gathers while sampling.
+with the ratio taken against its log-probs at sampling time. Generation runs on each rank from a
+whole copy of the policy with a KV cache, refreshed from the FSDP shards before each rollout.
 
 References: Shao et al. 2024 (DeepSeekMath, GRPO); Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-
 Like Training"); Yu et al. 2025 (DAPO); Schulman 2020 (k3 KL estimator); Lambert et al. 2024 (Tulu 3 RLVR).
@@ -23,6 +21,9 @@ Like Training"); Yu et al. 2025 (DAPO); Schulman 2020 (k3 KL estimator); Lambert
         --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --eval_dataset None --lr 1e-6 \\
         --max_prompt_len 512 --max_completion_len 1024 --num_generations 8 --per_device_batch_size 8 \\
         --grad_accum_steps 4 --beta 0.0 --max_steps 500 --gradient_checkpointing --save_every 50
+
+Read top to bottom: flags, the algorithm's math, the model wrapper, the rollout, main (the training
+loop). Below the banner, the plumbing every script shares, the same code in each (tests/fix_copies.py).
 """
 
 import copy
@@ -49,7 +50,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.generation import CompileConfig
 
 from nanopost import verifiers
 from nanopost.kernels import linear_logprobs
@@ -60,81 +60,22 @@ AttentionInterface.register("packed", packed_attention)
 
 @dataclass
 class Args:
-    # model and data
-    model: str = "runs/sft/final"
-    """hub id or local dir of the starting policy (the demo: sft.py's output)"""
-    dataset: str = "data/rl_train.jsonl"
-    """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier name)"""
-    dataset_split: str = "train"
-    """split of a hub dataset"""
-    eval_dataset: str | None = "data/test.jsonl"
-    """same format; greedy accuracy logged as eval/accuracy (hub datasets: the 'test' split)"""
-    max_prompt_len: int = 128
-    """rows whose templated prompt is longer are dropped (real runs: 512-2048)"""
-    max_completion_len: int = 32
-    """new tokens per completion; one that ends without the end-of-turn token is truncated (real runs: 1024+)"""
-    attn_implementation: str = "sdpa"
-    """attention kernel of generation and of the padded path: sdpa, eager, or flash_attention_2 where installed"""
-    padding_free: bool = True
-    """pack each micro-batch's sequences into one row, attention confined to each sequence (varlen_attn,
-    FlashAttention, on CUDA): no compute on padding. --no_padding_free: right-padded rows"""
-
-    # optimization
-    lr: float = 1e-4
-    """peak learning rate (the demo's tiny model wants 1e-4; 1.5B models 1e-6)"""
-    num_epochs: int = 1
-    """passes over the prompts (ignored when --max_steps is set)"""
-    max_steps: int | None = None
-    """optimizer steps to run; overrides --num_epochs"""
-    per_device_batch_size: int = 32
-    """completions per micro-batch on each rank"""
-    max_tokens_per_micro_batch: int | None = None
-    """also cap micro-batches at this many tokens (prompts and padding included), which adds micro-batches
-    to a step of long completions; the completions per step stay the same"""
-    grad_accum_steps: int = 1
-    """micro-batches per optimizer step; a rank's completions per step = this x per_device_batch_size,
-    a multiple of --num_generations (prompts per step = global completions / num_generations)"""
-    warmup_ratio: float = 0.0
-    """fraction of steps with linear warmup from 0"""
-    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
-    """decay after warmup, to 0 at the last step"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm (0 disables)"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """compute dtype of params in forward/backward and of the generation copy; master weights and grad
-    reduction stay fp32. auto = bf16 on CUDA, fp32 on CPU"""
-    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
-    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
-    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode
-    step compiled once with torch.compile and replayed, on GPUs as a CUDA graph; compiling takes a while
-    once) or dynamic (grows with each token, no compilation). auto = static on CUDA, dynamic elsewhere"""
-    gradient_checkpointing: bool = False
-    """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
-    hsdp: bool = False
-    """hybrid sharding: shard the model within each node and replicate it across nodes (less traffic between
-    nodes, more memory per GPU); default: shard it over all ranks"""
-    seed: int = 1
-    """seeds data order; rank r samples with seed + r"""
-
-    # algorithm
+    # GRPO
     num_generations: int = 8
     """completions per prompt (the group)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are recomputed at the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling; log-probs still come from the full temperature-scaled distribution (see sample())"""
+    """nucleus sampling; the trainer's log-probs are of the full temperature-scaled distribution, as in TRL"""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
     """grpo: mean over each completion's tokens, then over completions; dapo: sum over the global batch's
     tokens / their number; dr_grpo: sum / (completions x max_completion_len)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)"""
     epsilon: float = 0.2
-    """lower clip: ratio >= 1 - epsilon"""
+    """lower clip of the ratio, >= 1 - epsilon (the GRPO and PPO papers' epsilon)"""
     epsilon_high: float | None = None
-    """upper clip: ratio <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); None: --epsilon"""
+    """upper clip of the ratio, <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); None: --epsilon"""
     beta: float = 0.0
     """weight of the k3 KL to the starting policy (0: no reference model is loaded)"""
     num_iterations: int = 1
@@ -147,10 +88,60 @@ class Args:
     """add the `format` verifier (<think>...</think>answer) as a second reward"""
     reward_weights: list[float] | None = None
     """weights of [verifier] or [verifier, format] rewards; None: all 1"""
+    generation_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode step
+    compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
 
-    # logging and checkpointing
+    # common flags: the same names, in the same order, in every script
+    model: str = "runs/sft/final"
+    """hub id or local dir of the starting policy (the demo: sft.py's output)"""
+    dataset: str = "data/rl_train.jsonl"
+    """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier name)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str | None = "data/test.jsonl"
+    """same format; greedy accuracy logged as eval/accuracy (hub datasets: the 'test' split)"""
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
+    lr: float = 1e-4
+    """peak learning rate (the demo's tiny model wants 1e-4; 1.5B models 1e-6)"""
+    max_steps: int | None = None
+    """optimizer steps to run; overrides --num_epochs"""
+    num_epochs: int = 1
+    """passes over the prompts (ignored when --max_steps is set)"""
+    per_device_batch_size: int = 32
+    """completions per micro-batch on each rank"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step; a rank's completions per step = this x per_device_batch_size, a multiple
+    of --num_generations (prompts per step = global completions / num_generations)"""
+    max_tokens_per_micro_batch: int | None = None
+    """also cap micro-batches at this many tokens (more micro-batches per step; the same completions)"""
+    max_prompt_len: int = 128
+    """rows whose templated prompt is longer are dropped (real runs: 512-2048)"""
+    max_completion_len: int = 32
+    """new tokens per completion; one that ends without the end-of-turn token is truncated (real runs: 1024+)"""
+    warmup_ratio: float = 0.0
+    """fraction of steps with linear warmup from 0"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
+    """decay after warmup, to 0 at the last step"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 disables)"""
+    seed: int = 1
+    """seeds data order; rank r samples with seed + r"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype, also of the generation copy and the reference; auto = bf16 on CUDA, fp32 on CPU"""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of final/'s weights. auto = the source model's (the dtype its config names; fp32 if none)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel of generation and where sequences are not packed: sdpa, eager, flash_attention_2"""
+    padding_free: bool = True
+    """pack each micro-batch into one row, attention confined to each sequence (--no_padding_free: pad rows)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
+    hsdp: bool = False
+    """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
     save_every: int = 0
     """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
     resume: bool = False
@@ -158,7 +149,7 @@ class Args:
     overwrite_output_dir: bool = False
     """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
-    """greedy eval/accuracy every N steps and before the first (0: only at the end)"""
+    """evaluate before the first step and every N steps (0: only at the end)"""
     log_every: int = 1
     """log metrics every N steps"""
     track: bool = False
@@ -167,11 +158,6 @@ class Args:
     """wandb project name"""
     run_name: str | None = None
     """wandb run name (None: output_dir's name)"""
-
-
-class InputError(ValueError):
-    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
-    script prints it alone, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +211,445 @@ def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: prompts checked and tokenized up front
+# The policy, and the rollout: sample, score, and cut into micro-batches with advantages and loss weights
 
 
-def end_of_turn_token(tokenizer):
-    """The token the chat template puts right after an assistant message (<|im_end|>, <|eot_id|>,
-    <end_of_turn>, ...): generation stops at it, and it carries loss."""
+class PolicyLogprobs(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so that one forward returns log-probs (and entropies) of the
+    targets at a temperature. The head runs here, inside the FSDP root module, so FSDP unshards its
+    weight (tied to the embedding for Qwen) and reduces its gradient."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, targets, temperature, with_entropy=False, **inputs):
+        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        keep = targets.flatten() != -100
+        return linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
+                               temperature=temperature, with_entropy=with_entropy)
+
+
+def micro_batch(sequences, packed, pad_id):
+    """The model inputs (see collate) of (prompt_ids, completion_ids, has_loss) triples: the targets are
+    the completion tokens, or nothing for a completion without loss."""
+    return collate([(prompt + completion, [-100] * (len(prompt) - 1) + completion + [-100] if has_loss else
+                     [-100] * (len(prompt) + len(completion))) for prompt, completion, has_loss in sequences],
+                   packed, pad_id)
+
+
+def make_rollout(args, run, index, model, reference, generator, train, tokenizer, pad_id, eot_id):
+    """Samples this rank's groups of rollout `index`, scores them, and cuts them into micro-batches with
+    per-token advantages and loss weights (and reference and old log-probs where needed)."""
+    G, t0 = args.num_generations, time.perf_counter()
+    refresh_generation_copy(model, generator)
+    prompts_per_rank = args.per_device_batch_size * args.grad_accum_steps // G
+    indices = global_batch(index, len(train), prompts_per_rank * run.world, args.seed)
+    rows = [train[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
+    prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
+    completions, ended = sample(generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
+                                args.top_p,
+                                args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
+    t_generation = time.perf_counter() - t0
+
+    # scores of every completion of the global batch: [correct, format, length, truncated]
+    local = torch.zeros(len(prompts), 4, dtype=torch.float64)
+    for j, (completion, stopped) in enumerate(zip(completions, ended)):
+        text = tokenizer.decode(completion, skip_special_tokens=True)
+        local[j, 0] = verifiers.get(rows[j // G]["verifier"])(text, rows[j // G]["ground_truth"])
+        local[j, 1] = verifiers.get("format")(text, "") if args.format_reward else 0.0
+        local[j, 2:] = torch.tensor([len(completion), float(not stopped)])
+    gathered = [torch.empty_like(local, device=run.device) for _ in range(run.world)]
+    dist.all_gather(gathered, local.to(run.device))
+    scores = torch.cat(gathered).cpu()
+    reward_weights = torch.tensor(args.reward_weights or [1.0] * (1 + args.format_reward), dtype=torch.float64)
+    rewards = scores[:, :1 + args.format_reward] @ reward_weights
+    advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
+    keep = ~zero_std.repeat_interleave(G) if args.filter_zero_std else torch.ones(len(rewards), dtype=torch.bool)
+    has_loss = keep & ~(scores[:, 3].bool() & args.mask_truncated_completions)
+    n_loss_tokens = scores[:, 2] * has_loss
+    weights = token_weights(n_loss_tokens, args.loss_type, int(keep.sum()), int(n_loss_tokens.sum()),
+                            args.max_completion_len)
+
+    # this rank's kept completions, longest first, cut into micro-batches (per_device_batch_size completions,
+    # max_tokens_per_micro_batch tokens); every rank runs as many as the busiest (FSDP's collectives),
+    # splitting its own or adding no-loss completions where short
+    offset = run.rank * len(prompts)
+    size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
+    mine = sorted((j for j in range(len(prompts)) if keep[offset + j]), key=lambda j: -size[j])
+
+    def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
+        return sum(size[j] for j in chunk) if args.padding_free else len(chunk) * size[chunk[0]]
+
+    chunks = chunks_of(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch)
+    n_micro = torch.tensor(max(1, len(chunks)), device=run.device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    chunks = split_largest(chunks, int(n_micro))
+    chunks += [[j] for j in range(len(prompts)) if not keep[offset + j]][:int(n_micro) - len(chunks)]
+    micro_batches = []
+    for chunk in chunks:
+        batch = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk],
+                            args.padding_free, pad_id)
+        # per-completion values repeated over its loss tokens, in the order the policy returns them
+        lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
+        rows_of = torch.tensor(chunk, dtype=torch.long) + offset
+        micro_batches.append({"batch": batch, "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
+                              "weights": weights[rows_of].repeat_interleave(lengths)})
+    with torch.no_grad():
+        for mb in micro_batches:
+            batch = to_device(mb["batch"], run.device)
+            if reference is not None:
+                mb["ref_logp"] = reference(**batch, temperature=args.temperature)[0].cpu()
+            if args.num_iterations > 1:
+                mb["old_logp"] = model(**batch, temperature=args.temperature)[0].cpu()
+
+    verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
+    metrics = {"reward": rewards.mean().item(), "reward_std": rewards.view(-1, G).std(1).mean().item(),
+               "frac_reward_zero_std": zero_std.double().mean().item(),
+               "completions/mean_length": scores[:, 2].mean().item(),
+               "completions/clipped_ratio": scores[:, 3].mean().item(),
+               "perf/time_generation": t_generation,
+               "perf/rollout_tokens_per_second": scores[:, 2].sum().item() / t_generation}
+    for name in sorted(set(verifier_of)):
+        metrics[f"rewards/{name}/mean"] = scores[torch.tensor([v == name for v in verifier_of]), 0].mean().item()
+    if args.format_reward:
+        metrics["rewards/format/mean"] = scores[:, 1].mean().item()
+    prompt_lengths = torch.tensor([len(train[i]["prompt_ids"]) for i in indices]).repeat_interleave(G)
+    return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(keep.sum()),
+            "n_tokens": int(((prompt_lengths + scores[:, 2]) * keep).sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def check_args(args):
+    """Every flag and path, before anything heavy runs."""
+    if args.num_generations < 2:
+        raise InputError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
+    if args.per_device_batch_size * args.grad_accum_steps % args.num_generations:
+        raise InputError(f"--per_device_batch_size x --grad_accum_steps ({args.per_device_batch_size} x "
+                         f"{args.grad_accum_steps}) must be a multiple of --num_generations ({args.num_generations}): "
+                         "each rank samples whole groups")
+    if not 0 < args.top_p <= 1 or args.beta < 0:
+        raise InputError(f"need 0 < --top_p <= 1 and --beta >= 0, got {args.top_p} and {args.beta}")
+    if not 0 <= args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high < 0):
+        raise InputError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
+    if args.reward_weights is not None and len(args.reward_weights) != 1 + args.format_reward:
+        raise InputError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
+                         f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
+    check_common_args(args, at_least_one=["max_prompt_len", "max_completion_len", "num_iterations"],
+                      positive=["temperature"], demo_stages=["sft", "dpo"])
+
+
+def main(args):
+    check_args(args)
+    run = Run(args, "grpo")
+    tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len)
+    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len) if args.eval_dataset else None
+    prompts_per_step = args.per_device_batch_size * args.grad_accum_steps // args.num_generations * run.world
+    total_steps = run.total_steps(len(train), prompts_per_step, "prompts", args.num_iterations)
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+
+    # the policy; a frozen reference, its parameters stored in the compute dtype (FSDP would cast them to it in
+    # every forward anyway); a whole copy of the policy on each rank, which samples
+    full = load_full(args.model, args.attn_implementation, run, model_config(args.model, dropout=False))
+    model = run.build(PolicyLogprobs, args.model, full, dropout=False,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False).eval().requires_grad_(
+        False) if args.beta > 0 else None
+    del full
+    generator = generation_copy(model, run.compute_dtype, run.device, args.attn_implementation)
+    optimizer, scheduler = adamw(model, args.lr, args, total_steps)
+    torch.manual_seed(args.seed + run.rank)  # each rank samples different completions, reproducibly (or as resumed)
+    start_step, rollout = run.begin({"model": (model, optimizer)}, [scheduler], total_steps,
+                                    {k: getattr(args, k) for k in ("seed", "per_device_batch_size", "grad_accum_steps",
+                                                                   "num_generations", "num_iterations", "padding_free")}
+                                    | {"world_size": run.world})
+
+    def evaluate():
+        refresh_generation_copy(model, generator)
+        return {"eval/accuracy": greedy_accuracy(generator, evals, tokenizer, pad_id, eot_id, args, run,
+                                                 args.per_device_batch_size * args.grad_accum_steps)}
+
+    if evals and args.eval_every and start_step == 0:
+        run.log(evaluate(), 0)
+    step = evaluated = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        if (step - 1) % args.num_iterations == 0:
+            rollout = make_rollout(args, run, (step - 1) // args.num_iterations, model, reference, generator, train,
+                                   tokenizer, pad_id, eot_id)
+        t_train = time.perf_counter()
+        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens
+        sums = torch.zeros(7, dtype=torch.float64, device=run.device)
+        for mb in rollout["micro_batches"]:
+            logp, entropy = model(**to_device(mb["batch"], run.device), temperature=args.temperature,
+                                  with_entropy=True)
+            # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
+            old_logp = mb["old_logp"].to(run.device) if "old_logp" in mb else logp.detach()
+            ref_logp = mb["ref_logp"].to(run.device) if "ref_logp" in mb else None
+            loss, kl, low, high = clipped_surrogate(logp, old_logp, mb["advantages"].to(run.device), args.epsilon,
+                                                    epsilon_high, ref_logp, args.beta)
+            weighted = (loss.double() * mb["weights"].to(run.device)).sum()
+            # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
+            (weighted * run.world).backward()
+            sums += torch.stack([weighted.detach(), kl.detach().sum() if kl is not None else torch.zeros_like(weighted),
+                                 entropy.detach().sum(), low.sum(), high.sum(), (low | high).sum(),
+                                 torch.tensor(logp.numel(), device=run.device)]).double()
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        dist.all_reduce(sums)
+        if run.log_due(step):
+            now, n_tokens = time.perf_counter(), max(sums[6].item(), 1)
+            metrics = {"loss": sums[0].item(), "grad_norm": grad_norm, "learning_rate": lr, **rollout["metrics"],
+                       "entropy": sums[2].item() / n_tokens, "clip_ratio/low_mean": sums[3].item() / n_tokens,
+                       "clip_ratio/high_mean": sums[4].item() / n_tokens,
+                       "clip_ratio/region_mean": sums[5].item() / n_tokens,
+                       "perf/time_training": now - t_train, "perf/time_step": now - t0,
+                       **throughput(run, model, rollout["n_tokens"], max(rollout["n_sequences"], 1), now - t_train)}
+            if args.beta > 0:
+                metrics["kl"] = sums[1].item() / n_tokens
+            if evals and every(args.eval_every, step):
+                metrics |= evaluate()
+                evaluated = step
+            run.log(metrics, step, reward=metrics["reward"], loss=metrics["loss"])
+        run.end_step(step, rollout=rollout if step % args.num_iterations else None)
+    if evals and evaluated != step:
+        run.log(evaluate(), step, echo=True)
+    run.finish(model, tokenizer, eot_id)
+
+
+# ===================== plumbing: the same code in every script that has it (tests/fix_copies.py) =====================
+
+
+class InputError(ValueError):
+    """A bad flag, file or data row: the message says what is wrong and what was expected, and the
+    script prints it alone, without a traceback."""
+
+
+def names_local_path(name):
+    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
+    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
+    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
+    parts = name.split("/")
+    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def demo_checkpoints_hint(stages):
+    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
+    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
+    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+             if os.path.isdir(path)]
+    if found:
+        return f"; found {', '.join(found)}: pass one of them with --model"
+    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
+            f"runs/pipeline/{stages[0]}/final")
+
+
+def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages=()):
+    """The common flags and paths, and the script's own flags that must be >= 1 or > 0 or name a model dir,
+    before anything heavy runs. demo_stages: the demo scripts whose output --model defaults to, for the hint
+    when it is missing."""
+    for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", *at_least_one):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "max_tokens_per_micro_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_every", "eval_every"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", *positive):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if names_local_path(args.model) and not os.path.isdir(args.model):
+        hint = demo_checkpoints_hint(demo_stages) if demo_stages else ""
+        raise InputError(f"--model {args.model}: no such directory{hint}")
+    for name in models:
+        if getattr(args, name) and names_local_path(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: no such directory")
+    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
+        if name and names_local_path(name) and not os.path.exists(name):
+            raise InputError(f"{flag} {name}: no such file or directory")
+    if args.resume and args.overwrite_output_dir:
+        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
+                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+
+
+class Run:
+    """This process's part in the job, and what every training loop asks of it. torchrun sets RANK and
+    WORLD_SIZE (global) and LOCAL_RANK, LOCAL_WORLD_SIZE (within the node), on one node or several; a plain
+    `python X.py` is a world of one. Rank 0 keeps the log: a progress bar, output_dir/metrics.jsonl and, with
+    --track, wandb. SIGTERM and Ctrl-C ask the loop to save a resumable step_N after the current step."""
+
+    def __init__(self, args, name):
+        self.args, self.name = args, name
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        else:
+            self.device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.mesh = fsdp_mesh(args.hsdp, self.device)
+        self.compute_dtype = torch.bfloat16 if args.precision == "bf16" or (
+            args.precision == "auto" and self.device.type == "cuda") else torch.float32
+        self.signals = stop_on_signals(self.rank)
+        torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0), and all else
+
+    def total_steps(self, n_rows, batch_size, what, steps_per_batch=1):
+        """Optimizer steps of the run: --max_steps, or --num_epochs passes over n_rows in global batches of
+        batch_size, each trained on for steps_per_batch steps."""
+        if n_rows < batch_size:
+            raise InputError(f"{self.args.dataset} has {n_rows} usable {what}, fewer than one step's {batch_size}")
+        return self.args.max_steps or self.args.num_epochs * (n_rows // batch_size) * steps_per_batch
+
+    def build(self, wrapper, name, full=None, dtype=torch.float32, dropout=True, gradient_checkpointing=False,
+              auto_class=AutoModelForCausalLM, **config):
+        """wrapper(the model `name`), a module holding it as .lm that runs its head, sharded with FSDP2 over each
+        decoder layer, then over the root (so FSDP unshards the head's weight and reduces its gradient), its
+        parameters stored in `dtype` and computed in the compute dtype. Built on the meta device, then filled
+        with the weights of `full`, rank 0's whole model (default: what load_full reads), each rank receiving
+        only its shards (see materialize). config: overrides of the model's config."""
+        config = model_config(name, dropout, **config)
+        full = full if full is not None else load_full(name, self.args.attn_implementation, self, config, auto_class)
+        model = wrapper(empty_model(config, self.args.attn_implementation, dtype, auto_class))
+        if self.args.padding_free:
+            model.lm.set_attn_implementation("packed")
+        if gradient_checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        for layer in model.lm.base_model.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        materialize(model, full, self.device)
+        return model.train()
+
+    def begin(self, models, schedulers, total_steps, match):
+        """Resumes with --resume from the latest step_N, whose `match` (what the data order depends on: the
+        seed, the global batch...) must be this run's; opens the log. models: {name: (model, optimizer)}.
+        Returns the step to continue from and the rollout saved with it (or None)."""
+        self.models, self.schedulers, self.match, self.total = models, schedulers, match, total_steps
+        start_step, rollout = 0, None
+        if self.args.resume:
+            path = latest_checkpoint(self.args.output_dir)
+            start_step, rollout = load_checkpoint(path, models, schedulers, match, self.rank)
+            if self.rank == 0:
+                print(f"resumed from {path}")
+        if self.rank == 0:
+            prepare_output_dir(self.args.output_dir, start_step if self.args.resume else None)
+            if self.args.track:
+                import wandb
+                wandb.init(project=self.args.wandb_project, config=asdict(self.args),
+                           name=self.args.run_name or os.path.basename(self.args.output_dir.rstrip("/")))
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=self.rank != 0, desc=self.name)
+        return start_step, rollout
+
+    def log_due(self, step, steps=1):
+        """Whether metrics are logged after `step` (which ran `steps` optimizer steps): every --log_every, and the
+        last step."""
+        return every(self.args.log_every, step, steps) or step >= self.total
+
+    def log(self, metrics, step, echo=False, **shown):
+        """Rank 0 appends the metrics to output_dir/metrics.jsonl (and wandb); `shown` go on the progress bar,
+        and with echo every metric is printed."""
+        if self.rank != 0:
+            return
+        with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.args.track:
+            import wandb
+            wandb.log(metrics, step=step)
+        if shown:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        if echo:
+            tqdm.write(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def end_step(self, step, steps=1, rollout=None):
+        """After each step (or rollout of `steps` optimizer steps): a resumable step_N every --save_every
+        steps, and when SIGTERM or Ctrl-C reached any rank, then the run saves and stops (rollout: what the
+        next steps reuse, saved with it)."""
+        self.bar.update(steps)
+        stop = torch.tensor(float(bool(self.signals)), device=self.device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if every(self.args.save_every, step, steps) or stop.item():
+            save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers, step,
+                            {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
+                            self.rank, rollout)
+        if stop.item():
+            if self.rank == 0:
+                print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
+                      "exiting (--resume continues from it)")
+            dist.destroy_process_group()
+            sys.exit(0)
+
+    def finish(self, model, tokenizer, eot_id):
+        """Saves the trained model as a Hugging Face checkpoint in output_dir/final and leaves the job."""
+        self.bar.close()
+        path = os.path.join(self.args.output_dir, "final")
+        save_hf(path, model, self.args.model, tokenizer, final_dtype(self.args.model, self.args.save_dtype), eot_id,
+                self.rank)
+        if self.rank == 0:
+            print(f"saved {path}")
+        dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it
+        dist.destroy_process_group()
+
+
+def every(n, step, steps=1):
+    """Whether the `steps` optimizer steps that ended at `step` crossed a multiple of n (0: never)."""
+    return n > 0 and step // n > (step - steps) // n
+
+
+def fsdp_mesh(hsdp, device):
+    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
+    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
+    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
+    if not hsdp:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
+    if world % per_node:
+        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def stop_on_signals(rank):
+    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
+    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
+    received = []
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+            if rank == 0:
+                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
+                      "without saving)", flush=True)
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return received
+
+
+def load_tokenizer(name):
+    """The tokenizer, its chat template's end-of-turn token (<|im_end|>, <|eot_id|>, <end_of_turn>, ...: it
+    ends every assistant turn, carries loss, and generation stops at it) as text and id, and the padding id
+    (never a target)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
     if not tokenizer.chat_template:
         raise InputError("the tokenizer has no chat template; use a model whose tokenizer has one")
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "PROBE"}]
@@ -239,30 +658,19 @@ def end_of_turn_token(tokenizer):
     ids = tokenizer(after, add_special_tokens=False).input_ids
     if not ids or ids[0] not in tokenizer.added_tokens_decoder:
         raise InputError(f"the chat template ends assistant turns with {after!r}, not a special token")
-    return tokenizer.convert_ids_to_tokens(ids[0]), ids[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
+    return tokenizer, tokenizer.convert_ids_to_tokens(ids[0]), ids[0], pad_id
 
 
-def check_row(row, where):
-    """A usable RL row, or ValueError naming the row: a prompt conversation ending in a user turn, a
-    string ground truth, a registered verifier that accepts that ground truth."""
-    messages = row.get("messages")
+def check_messages(messages, where):
+    """A conversation: a non-empty list of {role, content} messages; InputError names the row and message."""
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: `messages` must be a non-empty list of {{role, content}}, got {messages!r:.200}")
+        raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
-    if messages[-1]["role"] == "assistant":
-        raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
-    if not isinstance(row.get("ground_truth"), str):
-        raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
-    if not isinstance(row.get("dataset"), str):
-        raise InputError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
-    try:
-        verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
-    except (KeyError, ValueError) as e:
-        raise InputError(f"{where}: {e.args[0]}") from None
 
 
 def load_rows(name, split):
@@ -296,190 +704,34 @@ def unreadable(path, error):
     return f"cannot be read: {error.__cause__ or error}"
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len, rank):
-    """Rows {prompt_ids, ground_truth, verifier}; any malformed row stops the run with its index.
-    Each node's local rank 0 tokenizes first, so that the node's other ranks read its datasets cache (one
-    cache per node, or one that all nodes share)."""
+def prepare_dataset(name, split, columns, prepare, keep, dropped_because):
+    """The rows of a dataset with the given columns, each turned by prepare(row, index) into a dict (which
+    raises InputError naming a malformed row), as a list of those keep(row) accepts. Each node's local rank 0
+    prepares first, so that the node's other ranks read its datasets cache (one per node, or one shared)."""
     rows = load_rows(name, split)
-    missing = {"messages", "ground_truth", "dataset"} - set(rows.column_names)
+    missing = set(columns) - set(rows.column_names)
     if missing:
         raise InputError(f"{name}: missing columns {sorted(missing)}, found {rows.column_names}")
-
-    def prepare(row, index):
-        check_row(row, f"{name} row {index}")
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
-
     for turn in (0, 1):
-        if (os.environ["LOCAL_RANK"] == "0") == (turn == 0):
-            rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc="checking prompts")
-        dist.barrier()
-    kept = rows.filter(lambda ids: len(ids) <= max_prompt_len, input_columns="prompt_ids")
-    if rank == 0 and len(kept) < len(rows):
-        print(f"{name}: dropped {len(rows) - len(kept)} prompts longer than --max_prompt_len={max_prompt_len}")
-    if len(kept) == 0:
-        raise InputError(f"{name}: no prompt fits in --max_prompt_len={max_prompt_len}")
-    return kept.to_list()
+        if (os.environ.get("LOCAL_RANK", "0") == "0") == (turn == 0):
+            rows = rows.map(prepare, with_indices=True, remove_columns=rows.column_names, desc=f"preparing {name}")
+        if dist.is_initialized():
+            dist.barrier()
+    kept = [row for row in rows.to_list() if keep(row)]
+    if int(os.environ.get("RANK", "0")) == 0 and len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows, which {dropped_because}")
+    if not kept:
+        raise InputError(f"{name}: no usable row: all {len(rows)} {dropped_because}")
+    return kept
 
 
-def global_batch(index, n_rows, batch_size, seed):
-    """Row indices of rollout `index`: a fresh permutation each epoch, the last partial batch
+def global_batch(step, n_rows, batch_size, seed):
+    """Row indices of global batch `step`: a fresh permutation each epoch, the last partial batch
     dropped. Every rank computes the same list, so nothing needs to be communicated."""
     per_epoch = n_rows // batch_size
-    epoch, position = divmod(index, per_epoch)
+    epoch, position = divmod(step, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
     return order[position * batch_size:(position + 1) * batch_size].tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Models: the FSDP policy that trains, and the full copy that generates
-
-
-class PolicyLogprobs(torch.nn.Module):
-    """Wraps a Hugging Face causal LM so that one forward returns log-probs (and entropies) of the
-    targets at a temperature. The head runs here, inside the FSDP root module, so FSDP unshards its
-    weight (tied to the embedding for Qwen) and reduces its gradient."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, targets, temperature, with_entropy=False, **inputs):
-        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
-        keep = targets.flatten() != -100
-        return linear_logprobs(hidden[keep], self.lm.get_output_embeddings().weight, targets.flatten()[keep],
-                               temperature=temperature, with_entropy=with_entropy)
-
-
-def load_model(name, attn_implementation):
-    """The full model in fp32, which rank 0 alone reads (the others receive their shards from it): the
-    checkpoint's weights, or for a dir holding only a config a random init from it."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, w)) for w in weights):
-        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
-        config = AutoConfig.from_pretrained(name)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation, dtype=torch.float32)
-
-
-def empty_model(name, attn_implementation, dtype):
-    """The model on the meta device (parameters in `dtype`, no memory until materialize), with the
-    source's generation config, which final/ keeps."""
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn_implementation,
-                                              dtype=dtype)
-    try:
-        lm.generation_config = GenerationConfig.from_pretrained(name)
-    except OSError:  # none saved: the one derived from the config, as from_pretrained does
-        pass
-    return lm
-
-
-@torch.no_grad()
-def materialize(model, full, device):
-    """Fills the sharded meta-device `model` with the weights of `full`, the same module tree in full on
-    rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts one tensor at a time
-    and each rank keeps its slice, in its own dtype. Tied weights stay one parameter (to_empty keeps
-    FSDP's parameter objects); buffers, also those not saved with the weights (rotary frequencies), are
-    rank 0's."""
-    model.to_empty(device=device)
-    set_model_state_dict(model, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buffer in model.named_buffers():
-        if full is not None:
-            buffer.copy_(full.get_buffer(name))
-        dist.broadcast(buffer, 0)
-
-
-def final_dtype(name, save_dtype):
-    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
-    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
-    if save_dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
-    return AutoConfig.from_pretrained(name).dtype or torch.float32
-
-
-def shard(lm, mp, mesh=None, gradient_checkpointing=False):
-    """FSDP2 over each decoder layer, then the root."""
-    if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PolicyLogprobs(lm)
-    for layer in lm.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def generation_copy(lm, dtype, device, attn_implementation):
-    """A full (unsharded) model of the policy's architecture in `dtype`, allocated on `device` alone (built
-    on the meta device), for sampling; refresh_generation_copy fills in the weights, and the buffers
-    (rotary frequencies) are the policy's. Built from the config alone, so it inherits no sampling
-    defaults from the source's generation_config.json (repetition_penalty, top_k, ...)."""
-    config = copy.deepcopy(lm.config)  # from_config writes the dtype into the config it is given
-    with torch.device("meta"):
-        gen_lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    gen_lm.to_empty(device=device)
-    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
-    for name, buffer in lm.named_buffers():
-        gen_lm.get_buffer(name).copy_(buffer)
-    return gen_lm.eval()
-
-
-def cache_settings(static):
-    """GenerationConfig fields for the KV cache: always on (whatever the model's config says), and
-    with `static` a fixed-size cache, so that generate compiles the decode step once (torch.compile)
-    and replays it; transformers would compile only on GPUs, this asks it to on any device."""
-    if not static:
-        return {"use_cache": True}
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True
-    return {"use_cache": True, "cache_implementation": "static", "compile_config": compile_config}
-
-
-@torch.no_grad()
-def refresh_generation_copy(model, gen_lm):
-    """Copies the current FSDP weights into the full copy, one parameter at a time (each rank
-    gathers each parameter once), in place, so that a compiled generation graph stays valid."""
-    targets = dict(gen_lm.named_parameters())
-    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
-    if names != set(targets):
-        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
-    for name, param in model.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        targets[name.removeprefix("lm.")].copy_(full)
-
-
-@torch.no_grad()
-def sample(gen_lm, prompts, generation, pad_id, eot_id, width=None):
-    """Completions of left-padded prompts with a KV cache. Returns per prompt the completion's
-    token ids up to and including the end-of-turn token, and whether it was truncated.
-    Sampling uses temperature and top-p; the trainer recomputes log-probs of the temperature-scaled
-    full distribution (as TRL and open-instruct do), not of the top-p-renormalized one that drew
-    the tokens, so with top_p < 1 the ratio at the first iteration is 1 by construction
-    (old log-probs are the same computation) but the objective is slightly off-policy."""
-    width = width or max(len(p) for p in prompts)
-    device = gen_lm.device
-    ids = torch.full((len(prompts), width), pad_id, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p, device=device)
-        mask[b, width - len(p):] = 1
-    out = gen_lm.generate(input_ids=ids, attention_mask=mask, generation_config=generation)[:, width:].tolist()
-    completions, truncated = [], []
-    for tokens in out:
-        end = tokens.index(eot_id) + 1 if eot_id in tokens else len(tokens)
-        completions.append(tokens[:end])
-        truncated.append(eot_id not in tokens)
-    return completions, truncated
-
-
-def micro_batch(sequences, packed, pad_id):
-    """The model inputs (see collate) of (prompt_ids, completion_ids, has_loss) triples: the targets are
-    the completion tokens, or nothing for a completion without loss."""
-    return collate([(prompt + completion, [-100] * (len(prompt) - 1) + completion + [-100] if has_loss else
-                     [-100] * (len(prompt) + len(completion))) for prompt, completion, has_loss in sequences],
-                   packed, pad_id)
 
 
 def chunks_of(ordered, tokens, per_device, max_tokens):
@@ -503,11 +755,11 @@ def split_largest(chunks, n):
 
 
 def collate(sequences, packed, pad_id):
-    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: no loss)
+    """The model inputs of (token ids, next-token targets) pairs, as a dict with `targets` (-100: none)
     and the decoder's inputs. Packed: one row [1, T], the sequences end to end, position ids restarting
     at 0 with each, and the boundaries cu_seq_lens [N + 1] that confine attention to each sequence
-    (nanopost/kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to the
-    longest [N, T]; causal attention never lets a real token see the padding after it."""
+    (nanopost/kernels/packed_attention.py), so no compute goes to padding. Padded: rows right-padded to
+    the longest [N, T]; causal attention never lets a real token see the padding after it."""
     if packed:
         lengths = [len(ids) for ids, _ in sequences]
         bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
@@ -525,6 +777,59 @@ def to_device(batch, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def has_weights(name):
+    """Whether --model names weights: a hub id, or a local dir holding them (not only a config)."""
+    return not os.path.isdir(name) or any(os.path.exists(os.path.join(name, f)) for f in WEIGHT_FILES)
+
+
+def model_config(name, dropout=True, **overrides):
+    """The model's config, with every dropout probability set to 0 unless `dropout` (modules read their rates
+    when they are built): the RL scripts need the same log-probs from every pass over the same tokens."""
+    config = AutoConfig.from_pretrained(name, **overrides)
+    if not dropout:
+        config.update({k: 0.0 for k, v in config.to_dict().items()
+                       if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop"))})
+    return config
+
+
+def empty_model(config, attn_implementation, dtype=torch.float32, auto_class=AutoModelForCausalLM):
+    """The model on the meta device: parameters in `dtype`, no memory until materialize."""
+    with torch.device("meta"):
+        return auto_class.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+
+
+def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelForCausalLM):
+    """The whole model in fp32 on rank 0 (None elsewhere: the other ranks receive their shards from it): the
+    checkpoint's weights, or for a dir holding only a config a random init from it."""
+    if run.rank != 0:
+        return None
+    config = config or AutoConfig.from_pretrained(name)
+    if not has_weights(name):
+        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        return auto_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+@torch.no_grad()
+def materialize(model, full, device):
+    """Fills the sharded meta-device `model` (a wrapper holding the model as .lm) with the weights of `full`,
+    the same model whole on rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts
+    one tensor at a time and each rank keeps its slice, in its own dtype. Tied weights stay one parameter
+    (to_empty keeps FSDP's parameter objects); buffers, also those not saved with the weights (rotary
+    frequencies), are rank 0's."""
+    model.to_empty(device=device)
+    state = {f"lm.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name.removeprefix("lm.")))
+        dist.broadcast(buffer, 0)
+
+
 def lr_lambda(schedule, total_steps, warmup_steps):
     def factor(step):
         if step < warmup_steps:
@@ -534,8 +839,109 @@ def lr_lambda(schedule, total_steps, warmup_steps):
     return factor
 
 
+def adamw(model, lr, args, total_steps):
+    """AdamW (fused on CUDA) and its schedule: linear warmup over --warmup_ratio of total_steps, then
+    --lr_schedule to 0 at the last step."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm):
+    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm and the learning rate."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                          max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item(), lr
+
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def throughput(run, model, n_tokens, n_sequences, seconds):
+    """Training tokens per second of the whole job and, on a known GPU, the model FLOPs utilization: 6 FLOPs
+    per parameter and token, plus attention's 12 x layers x hidden x mean sequence length per token."""
+    metrics = {"perf/tokens_per_second": n_tokens / seconds}
+    if run.device.type == "cuda":
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.device)), None)
+        config = model.lm.config
+        if peak:
+            n_params = sum(p.numel() for p in model.parameters())
+            attention = 12 * config.num_hidden_layers * config.hidden_size * n_tokens / n_sequences
+            metrics["perf/mfu"] = (6 * n_params + attention) * n_tokens / seconds / (run.world * peak)
+    return metrics
+
+
+def final_dtype(name, save_dtype):
+    """dtype of final/'s weights: --save_dtype, or for auto the one the source's config names (the
+    dtype its weights are published in; fp32 if it names none), whatever precision trained them."""
+    if save_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[save_dtype]
+    return AutoConfig.from_pretrained(name).dtype or torch.float32
+
+
+@torch.no_grad()
+def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 10**9):
+    """Writes model.lm as a Hugging Face directory that from_pretrained and vLLM load: the weights in `dtype`
+    as safetensors (several files of at most max_file_bytes and an index if they do not fit in one), the
+    config and generation config of `source` (the model training started from; training changes neither, and
+    settings made for training, such as dropout off, stay out), and the tokenizer; generation stops at the
+    chat template's end-of-turn token. Streamed: each tensor is gathered from its shards in turn, and rank 0
+    holds at most one file's worth before writing it. Written to path.tmp, then renamed."""
+    tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
+    files, size = [[]], 0  # consecutive tensors, at most max_file_bytes per file
+    for name, tensor in tensors.values():
+        nbytes = tensor.numel() * dtype.itemsize
+        if files[-1] and size + nbytes > max_file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append((name, tensor))
+        size += nbytes
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    weight_map = {}
+    for i, members in enumerate(files):
+        file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        part = {}
+        for name, tensor in members:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank joins the gather
+            if rank == 0:
+                part[name] = full.to("cpu", dtype)
+            weight_map[name] = file
+        if rank == 0:
+            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+    if rank == 0:
+        if len(files) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        config = AutoConfig.from_pretrained(source)
+        config.dtype = dtype
+        config.architectures = [type(model.lm).__name__]
+        config.save_pretrained(tmp)
+        try:
+            generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # none saved: the one derived from the config, as from_pretrained does
+            generation_config = GenerationConfig.from_model_config(config)
+        generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+        generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: output_dir/step_N (sharded, resumable) and output_dir/final (Hugging Face)
+# Checkpoints: output_dir/step_N (sharded, resumable)
 
 
 def latest_checkpoint(output_dir):
@@ -572,21 +978,23 @@ def prepare_output_dir(output_dir, resumed_step):
         os.replace(metrics + ".tmp", metrics)
 
 
-def save_checkpoint(path, model, optimizer, scheduler, step, rollout, run_config, rank):
-    """Sharded model + optimizer via torch.distributed.checkpoint, plus scheduler, step, every
-    rank's RNG state and its rollout (reused by later steps when --num_iterations > 1); written to
-    path.tmp and renamed, so a crash never leaves a partial step_N."""
+def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
+    """Every model and optimizer sharded via torch.distributed.checkpoint; the step, the schedulers and
+    `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
+    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    sharded = {}
+    for name, (model, optimizer) in models.items():
+        sharded[name], sharded[name + "_optim"] = get_state_dict(model, optimizer)
+    dcp.save(sharded, checkpoint_id=tmp)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({"rng": rng, "rollout": rollout}, os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "scheduler": scheduler.state_dict(), "config": run_config}, f)
+            json.dump({"step": step, "schedulers": [s.state_dict() for s in schedulers], **state}, f)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -594,448 +1002,150 @@ def save_checkpoint(path, model, optimizer, scheduler, step, rollout, run_config
     dist.barrier()
 
 
-def load_checkpoint(path, model, optimizer, scheduler, run_config, rank):
-    """Restores everything save_checkpoint wrote; returns (step, rollout)."""
+def load_checkpoint(path, models, schedulers, match, rank):
+    """Restores what save_checkpoint wrote, if the checkpoint's `match` is this run's; returns the step and
+    this rank's rollout (None when saved by fewer ranks, whose RNG states are then left as they are)."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    keys = ("seed", "world_size", "per_device_batch_size", "grad_accum_steps", "num_generations", "num_iterations",
-            "padding_free")
-    saved, now = [state["config"].get(k) for k in keys], [run_config[k] for k in keys]
-    if saved != now:
-        raise InputError(f"{path} was trained with {dict(zip(keys, saved))}; this run has {dict(zip(keys, now))}: "
-                         "the prompts and samples would not continue where they stopped")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    scheduler.load_state_dict(state["scheduler"])
-    saved_rank = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
-    torch.set_rng_state(saved_rank["rng"]["cpu"])
-    if saved_rank["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved_rank["rng"]["cuda"])
-    return state["step"], saved_rank["rollout"]
+    if state["match"] != match:
+        raise InputError(f"{path} was trained with {state['match']}; this run has {match}: the data order "
+                         "would not continue where it stopped")
+    sharded = {}
+    for name, (model, optimizer) in models.items():
+        sharded[name], sharded[name + "_optim"] = get_state_dict(model, optimizer)
+    dcp.load(sharded, checkpoint_id=path)
+    for name, (model, optimizer) in models.items():
+        set_state_dict(model, optimizer, model_state_dict=sharded[name], optim_state_dict=sharded[name + "_optim"])
+    for scheduler, scheduler_state in zip(schedulers, state["schedulers"]):
+        scheduler.load_state_dict(scheduler_state)
+    rank_file = os.path.join(path, f"rank{rank}.pt")
+    if not os.path.exists(rank_file):
+        return state["step"], None
+    saved = torch.load(rank_file, weights_only=False)
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return state["step"], saved["rollout"]
 
 
-@torch.no_grad()
-def save_hf(path, model, lm, tokenizer, dtype, eot_id, rank, max_file_bytes=5 * 10**9):
-    """Writes a Hugging Face directory that from_pretrained and vLLM load: the weights in `dtype` as
-    safetensors (several files of at most max_file_bytes and an index if they do not fit in one), the
-    source's config (use_cache and all; training changes none of it) and the tokenizer; generation stops
-    at the chat template's end-of-turn token. Streamed: each tensor is gathered from its shards in turn,
-    and rank 0 holds at most one file's worth before writing it. Written to path.tmp, then renamed."""
-    tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
-    files, size = [[]], 0  # consecutive tensors, at most max_file_bytes per file
-    for name, tensor in tensors.values():
-        nbytes = tensor.numel() * dtype.itemsize
-        if files[-1] and size + nbytes > max_file_bytes:
-            files, size = files + [[]], 0
-        files[-1].append((name, tensor))
-        size += nbytes
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    weight_map = {}
-    for i, members in enumerate(files):
-        file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        part = {}
-        for name, tensor in members:
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank joins the gather
-            if rank == 0:
-                part[name] = full.to("cpu", dtype)
-            weight_map[name] = file
-        if rank == 0:
-            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
-    if rank == 0:
-        if len(files) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        lm.config.dtype = dtype
-        lm.config.architectures = [type(lm).__name__]
-        lm.config.save_pretrained(tmp)
-        lm.generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
-        lm.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE (global) and LOCAL_RANK/LOCAL_WORLD_SIZE (within the node), on one
-    node or several; a plain `python grpo.py` becomes a world of one."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def fsdp_mesh(hsdp, device):
-    """The ranks FSDP2 shards over: all of them (None), or with --hsdp a 2-D mesh whose "shard" dimension
-    is the ranks of a node and "replicate" the nodes. Gradients are averaged over all ranks either way
-    (reduce-scatter within the node, then all-reduce across nodes), so loss scaling and clipping hold."""
-    if not hsdp:
-        return None
-    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), dist.get_world_size()
-    if world % per_node:
-        raise InputError(f"--hsdp needs as many ranks on every node; {world} ranks in all, {per_node} on this node")
-    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
-
-
-def stop_on_signals(rank):
-    """SIGTERM and Ctrl-C (SIGINT) ask the training loop to save a resumable step_N after the current
-    step and exit; a second Ctrl-C aborts at once. Returns the list of the signals received."""
-    received = []
-
-    def request_stop(signum, frame):
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
-            if rank == 0:
-                print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now, "
-                      "without saving)", flush=True)
-        received.append(signal.Signals(signum).name)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_stop)
-    return received
-
-
-def names_local_path(name):
-    """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
-    data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
-    directory. Such a value that does not exist is an error now, not after minutes of hub retries."""
-    parts = name.split("/")
-    return name.endswith((".jsonl", ".json", ".parquet")) or name.startswith((".", "/", "~")) or len(parts) > 2 \
-        or (len(parts) == 2 and os.path.isdir(parts[0]))
-
-
-def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
-             if os.path.isdir(path)]
-    if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
-
-
-def check_args(args):
-    """Every flag and path, before anything heavy runs."""
-    for name in ("per_device_batch_size", "grad_accum_steps", "max_prompt_len", "max_completion_len", "num_epochs",
-                 "log_every", "num_iterations"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_generations < 2:
-        raise InputError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
-    if args.per_device_batch_size * args.grad_accum_steps % args.num_generations:
-        raise InputError(f"--per_device_batch_size x --grad_accum_steps ({args.per_device_batch_size} x "
-                         f"{args.grad_accum_steps}) must be a multiple of --num_generations ({args.num_generations}): "
-                         "each rank samples whole groups")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise InputError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < 1:
-        raise InputError(f"--max_tokens_per_micro_batch must be >= 1, got {args.max_tokens_per_micro_batch}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    for name in ("lr", "temperature"):
-        if not getattr(args, name) > 0:
-            raise InputError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not 0 < args.top_p <= 1 or args.beta < 0:
-        raise InputError(f"need 0 < --top_p <= 1 and --beta >= 0, got {args.top_p} and {args.beta}")
-    if not 0 <= args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high < 0):
-        raise InputError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
-    if args.reward_weights is not None and len(args.reward_weights) != 1 + args.format_reward:
-        raise InputError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
-                         f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
-    if names_local_path(args.model) and not os.path.isdir(args.model):
-        raise InputError(f"--model {args.model}: no such directory{demo_checkpoints_hint(['sft', 'dpo'])}")
-    for flag, name in (("--dataset", args.dataset), ("--eval_dataset", args.eval_dataset)):
-        if name and names_local_path(name) and not os.path.exists(name):
-            raise InputError(f"{flag} {name}: no such file or directory")
-    if args.resume and args.overwrite_output_dir:
-        raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
-    if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
-    earlier = earlier_run(args.output_dir)
-    if earlier and not args.resume and not args.overwrite_output_dir:
-        raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
-                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
-
-
-def main(args):
-    check_args(args)
-    rank, world, device = setup_distributed()
-    mesh = fsdp_mesh(args.hsdp, device)
-    torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0)
-    stop_requested = stop_on_signals(rank)
-    G = args.num_generations
-    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    reward_weights = torch.tensor(args.reward_weights or [1.0] * (1 + args.format_reward), dtype=torch.float64)
-
-    # tokenizer and data
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    eot_text, eot_id = end_of_turn_token(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
-    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, rank)
-    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len, rank) \
-        if args.eval_dataset else None
-    local_completions = args.per_device_batch_size * args.grad_accum_steps
-    prompts_per_rank = local_completions // G
-    prompts_per_step = prompts_per_rank * world
-    if len(train) < prompts_per_step:
-        raise InputError(f"{args.dataset} has {len(train)} usable prompts, fewer than one step's {prompts_per_step}")
-    total_steps = args.max_steps or args.num_epochs * (len(train) // prompts_per_step) * args.num_iterations
-
-    # models: the FSDP policy, an optional frozen reference, and a full copy for generation
-    compute_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    save_dtype = final_dtype(args.model, args.save_dtype)
-    # each built on the meta device, sharded, then filled with the weights that rank 0 alone reads, each
-    # rank receiving only its shards; the frozen reference's parameters are stored in the compute dtype
-    # (FSDP would cast them to it in every forward anyway: same results, less memory)
-    attention = "packed" if args.padding_free else args.attn_implementation  # generation keeps the latter
-    full = PolicyLogprobs(load_model(args.model, args.attn_implementation)) if rank == 0 else None
-    lm = empty_model(args.model, attention, torch.float32)
-    model = shard(lm, mp, mesh, args.gradient_checkpointing)
-    materialize(model, full, device)
-    reference = None
-    if args.beta > 0:
-        reference = shard(empty_model(args.model, attention, compute_dtype), mp, mesh).eval()
-        materialize(reference, full, device)
-        reference.requires_grad_(False)
-    del full
-    model.train()
-    gen_lm = generation_copy(lm, compute_dtype, device, args.attn_implementation)
-    torch.manual_seed(args.seed + rank)  # each rank samples different completions, reproducibly
-    # a static cache needs one prompt width, so that the compiled decode step is replayed, not recompiled
-    static = args.generation_cache == "static" or (args.generation_cache == "auto" and device.type == "cuda")
-    generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                  max_new_tokens=args.max_completion_len, eos_token_id=eot_id, pad_token_id=pad_id,
-                                  **cache_settings(static))
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_completion_len, eos_token_id=eot_id,
-                              pad_token_id=pad_id, **cache_settings(static))
-    width = args.max_prompt_len if static else None
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
-    run_config = {**asdict(args), "world_size": world}
-
-    start_step, rollout = 0, None
-    if args.resume:
-        path = latest_checkpoint(args.output_dir)
-        start_step, rollout = load_checkpoint(path, model, optimizer, scheduler, run_config, rank)
-        if rank == 0:
-            print(f"resumed from {path}")
-
-    def evaluate():
-        """Mean verifier score of greedy completions on the eval prompts; each rank takes every world-th row."""
-        score = torch.zeros(2, dtype=torch.float64, device=device)
-        mine = evals[rank::world]
-        for start in range(0, len(mine), local_completions):
-            chunk = mine[start:start + local_completions]
-            completions, _ = sample(gen_lm, [r["prompt_ids"] for r in chunk], greedy, pad_id, eot_id, width)
-            for row, completion in zip(chunk, completions):
-                text = tokenizer.decode(completion, skip_special_tokens=True)
-                score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
-            score[1] += len(chunk)
-        dist.all_reduce(score)
-        return (score[0] / score[1]).item()
-
-    def make_rollout(index):
-        """Samples this rank's groups, scores them, and turns them into micro-batches with per-token
-        advantages and loss weights (old and reference log-probs too when needed)."""
-        t0 = time.perf_counter()
-        refresh_generation_copy(model, gen_lm)
-        indices = global_batch(index, len(train), prompts_per_step, args.seed)
-        rows = [train[i] for i in indices[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
-        prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
-        completions, truncated = sample(gen_lm, prompts, generation, pad_id, eot_id, width)
-        t_generation = time.perf_counter() - t0
-
-        # scores of every completion of the global batch: [correct, format, length, truncated]
-        local = torch.zeros(len(prompts), 4, dtype=torch.float64)
-        for j, (completion, cut) in enumerate(zip(completions, truncated)):
-            row = rows[j // G]
-            text = tokenizer.decode(completion, skip_special_tokens=True)
-            local[j, 0] = verifiers.get(row["verifier"])(text, row["ground_truth"])
-            local[j, 1] = verifiers.get("format")(text, "") if args.format_reward else 0.0
-            local[j, 2:] = torch.tensor([len(completion), float(cut)])
-        gathered = [torch.empty_like(local, device=device) for _ in range(world)]
-        dist.all_gather(gathered, local.to(device))
-        scores = torch.cat(gathered).cpu()
-        rewards = scores[:, :1 + args.format_reward] @ reward_weights
-        advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
-        keep = ~zero_std.repeat_interleave(G) if args.filter_zero_std else torch.ones(len(rewards), dtype=torch.bool)
-        has_loss = keep & ~(scores[:, 3].bool() & args.mask_truncated_completions)
-        n_loss_tokens = scores[:, 2] * has_loss
-        weights = token_weights(n_loss_tokens, args.loss_type, int(keep.sum()), int(n_loss_tokens.sum()),
-                                args.max_completion_len)
-
-        # this rank's kept completions, longest first, cut into micro-batches (per_device_batch_size
-        # completions, max_tokens_per_micro_batch tokens); every rank runs as many as the busiest
-        # (FSDP's collectives), splitting its own or adding no-loss completions where short
-        offset = rank * len(prompts)
-        size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
-        mine = sorted((j for j in range(len(prompts)) if keep[offset + j]), key=lambda j: -size[j])
-
-        def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
-            return sum(size[j] for j in chunk) if args.padding_free else len(chunk) * size[chunk[0]]
-
-        chunks = chunks_of(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch)
-        n_micro = torch.tensor(max(1, len(chunks)), device=device)
-        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-        chunks = split_largest(chunks, int(n_micro))
-        chunks += [[j] for j in range(len(prompts)) if not keep[offset + j]][:int(n_micro) - len(chunks)]
-        micro_batches = []
-        for chunk in chunks:
-            batch = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk],
-                                args.padding_free, pad_id)
-            # per-completion values repeated over its loss tokens, in the order the policy returns them
-            lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
-            rows_of = torch.tensor(chunk, dtype=torch.long) + offset
-            micro_batches.append({"batch": batch, "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
-                                  "weights": weights[rows_of].repeat_interleave(lengths)})
-        with torch.no_grad():
-            for mb in micro_batches:
-                batch = to_device(mb["batch"], device)
-                if reference is not None:
-                    mb["ref_logp"] = reference(**batch, temperature=args.temperature)[0].cpu()
-                if args.num_iterations > 1:
-                    mb["old_logp"] = model(**batch, temperature=args.temperature)[0].cpu()
-
-        verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
-        groups_std = rewards.view(-1, G).std(1)
-        metrics = {"reward": rewards.mean().item(), "reward_std": groups_std.mean().item(),
-                   "frac_reward_zero_std": zero_std.double().mean().item(),
-                   "completions/mean_length": scores[:, 2].mean().item(),
-                   "completions/clipped_ratio": scores[:, 3].mean().item(),
-                   "perf/time_generation": t_generation,
-                   "perf/rollout_tokens_per_second": scores[:, 2].sum().item() / t_generation}
-        for name in sorted(set(verifier_of)):
-            metrics[f"rewards/{name}/mean"] = scores[torch.tensor([v == name for v in verifier_of]), 0].mean().item()
-        if args.format_reward:
-            metrics["rewards/format/mean"] = scores[:, 1].mean().item()
-        return {"micro_batches": micro_batches, "metrics": metrics}
-
-    # logging
-    if rank == 0:
-        prepare_output_dir(args.output_dir, start_step if args.resume else None)
-    if rank == 0 and args.track:
-        import wandb
-        wandb.init(project=args.wandb_project, name=args.run_name or os.path.basename(args.output_dir.rstrip("/")),
-                   config=asdict(args))
-    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="grpo")
-
-    def log(metrics, step):
-        if rank != 0:
-            return
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if args.track:
-            import wandb
-            wandb.log(metrics, step=step)
-
-    if evals is not None and args.eval_every and start_step == 0:
-        refresh_generation_copy(model, gen_lm)
-        log({"eval/accuracy": evaluate()}, 0)
-
-    # training loop: a rollout every num_iterations optimizer steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = start_step
-    for step in range(start_step + 1, total_steps + 1):
-        t0 = time.perf_counter()
-        if (step - 1) % args.num_iterations == 0:
-            rollout = make_rollout((step - 1) // args.num_iterations)
-        t_train = time.perf_counter()
-        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
-        for mb in rollout["micro_batches"]:
-            logp, entropy = model(**to_device(mb["batch"], device), temperature=args.temperature, with_entropy=True)
-            # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
-            old_logp = mb["old_logp"].to(device) if "old_logp" in mb else logp.detach()
-            ref_logp = mb["ref_logp"].to(device) if "ref_logp" in mb else None
-            loss, kl, low, high = clipped_surrogate(logp, old_logp, mb["advantages"].to(device), args.epsilon,
-                                                    epsilon_high, ref_logp, args.beta)
-            weighted = (loss.double() * mb["weights"].to(device)).sum()
-            # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
-            (weighted * world).backward()
-            sums += torch.stack([weighted.detach(), kl.detach().sum() if kl is not None else torch.zeros_like(weighted),
-                                 entropy.detach().sum(), low.sum(), high.sum(), (low | high).sum(),
-                                 torch.tensor(logp.numel(), device=device)]).double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        dist.all_reduce(sums)
-        stop = torch.tensor(float(bool(stop_requested)), device=device)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        now = time.perf_counter()
-        if step % args.log_every == 0 or step == total_steps:
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            n_tokens = max(sums[6].item(), 1)
-            metrics = {"loss": sums[0].item(), "grad_norm": grad_norm.item(), "learning_rate": lr,
-                       **rollout["metrics"], "entropy": sums[2].item() / n_tokens,
-                       "clip_ratio/low_mean": sums[3].item() / n_tokens, "clip_ratio/high_mean": sums[4].item() / n_tokens,
-                       "clip_ratio/region_mean": sums[5].item() / n_tokens,
-                       "perf/time_training": now - t_train, "perf/time_step": now - t0}
-            if args.beta > 0:
-                metrics["kl"] = sums[1].item() / n_tokens
-            if evals is not None and args.eval_every and step % args.eval_every == 0:
-                refresh_generation_copy(model, gen_lm)
-                metrics["eval/accuracy"] = evaluate()
-            log(metrics, step)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-        bar.update(1)
-        if (args.save_every and step % args.save_every == 0) or stop.item():
-            reusable = rollout if step % args.num_iterations else None
-            save_checkpoint(os.path.join(args.output_dir, f"step_{step}"), model, optimizer, scheduler, step,
-                            reusable, run_config, rank)
-        if stop.item():
-            if rank == 0:
-                print(f"{stop_requested[0] if stop_requested else 'a signal to another rank'}: saved step_{step}, "
-                      "exiting (--resume continues from it)")
-            dist.destroy_process_group()
-            return
-    bar.close()
-
-    if evals is not None and not (args.eval_every and step % args.eval_every == 0 and step > start_step):
-        refresh_generation_copy(model, gen_lm)
-        accuracy = evaluate()
-        log({"eval/accuracy": accuracy}, step)
-        if rank == 0:
-            print(f"eval/accuracy {accuracy:.4f}")
-    save_hf(os.path.join(args.output_dir, "final"), model, lm, tokenizer, save_dtype, eot_id, rank)
-    if rank == 0:
-        print(f"saved {os.path.join(args.output_dir, 'final')}")
-    dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
+def launch(main, args_class):
+    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
     try:
-        main(tyro.cli(Args, use_underscores=True))
+        main(tyro.cli(args_class, use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_rl_row(row, where):
+    """A usable RL row: a prompt conversation that does not end with an assistant turn, a string ground truth,
+    and in `dataset` a registered verifier that accepts that ground truth; InputError names the row."""
+    check_messages(row.get("messages"), where)
+    if row["messages"][-1]["role"] == "assistant":
+        raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if not isinstance(row.get("ground_truth"), str):
+        raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
+    if not isinstance(row.get("dataset"), str):
+        raise InputError(f"{where}: `dataset` must name a verifier, got {row.get('dataset')!r:.200}")
+    try:
+        verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{where}: {e.args[0]}") from None
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
+    """Rows {prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt, `ground_truth`,
+    `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a malformed row
+    stops the run with its index."""
+
+    def prepare(row, index):
+        check_rl_row(row, f"{name} row {index}")
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+
+    return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,
+                           lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
+                           f"have a prompt longer than --max_prompt_len={max_prompt_len}")
+
+
+def generation_copy(model, dtype, device, attn_implementation):
+    """A whole (unsharded) model of model.lm's architecture in `dtype`, allocated on `device` alone, for
+    sampling; refresh_generation_copy fills in the weights, and the buffers (rotary frequencies) are the
+    policy's. Built from the config alone, so it inherits no sampling defaults from the source's
+    generation_config.json (repetition_penalty, top_k, ...)."""
+    gen_lm = empty_model(copy.deepcopy(model.lm.config), attn_implementation, dtype)  # from_config writes the dtype
+    gen_lm.to_empty(device=device)
+    gen_lm.tie_weights()  # to_empty gave the tied modules a parameter each
+    for name, buffer in model.lm.named_buffers():
+        gen_lm.get_buffer(name).copy_(buffer)
+    return gen_lm.eval()
+
+
+@torch.no_grad()
+def refresh_generation_copy(model, gen_lm):
+    """Copies the current FSDP weights into the whole copy, one parameter at a time (each rank gathers
+    each parameter once), in place, so that a compiled generation graph stays valid."""
+    targets = dict(gen_lm.named_parameters())
+    names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
+    if names != set(targets):
+        raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        targets[name.removeprefix("lm.")].copy_(full)
+
+
+def static_cache(generation_cache, device):
+    """Whether to sample with a static KV cache: --generation_cache, where auto means on CUDA."""
+    return generation_cache == "static" or (generation_cache == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
+    """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
+    temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
+    probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
+    fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
+    Returns each completion's token ids, up to and including its first stop token, and whether it stopped
+    (else it was cut at max_new_tokens)."""
+    length = width or max(len(p) for p in prompts)
+    device = generator.device
+    ids = torch.full((len(prompts), length), pad_id, device=device)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p):] = torch.tensor(p, device=device)
+        mask[b, length - len(p):] = 1
+    # top_k=0 explicitly: unset, generate() would keep only the 50 likeliest tokens
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                              use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, length:].tolist()
+    completions, ended = [], []
+    for tokens in out:
+        end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
+        completions.append(tokens[:end])
+        ended.append(end is not None)
+    return completions, ended
+
+
+def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch_size):
+    """Mean verifier score of greedy completions of rows; each rank takes every world-th row."""
+    score = torch.zeros(2, dtype=torch.float64, device=run.device)
+    mine = rows[run.rank::run.world]
+    width = args.max_prompt_len if static_cache(args.generation_cache, run.device) else None
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        completions, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id], args.max_completion_len,
+                                width=width)
+        for row, completion in zip(chunk, completions):
+            text = tokenizer.decode(completion, skip_special_tokens=True)
+            score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
+        score[1] += len(chunk)
+    dist.all_reduce(score)
+    return (score[0] / score[1]).item()
+
+
+if __name__ == "__main__":
+    launch(main, Args)

@@ -29,16 +29,17 @@ import eval as evaluation
 # The demo recipe: (stage, script, model it starts from, flags). Step counts are scaled by --scale.
 STAGES = [
     ("sft", "sft.py", None, ["--num_epochs", "4", "--eval_every", "75"]),
-    ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64"]),
+    ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64",
+                              "--eval_every", "16"]),
     ("grpo", "grpo.py", "dpo", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1",
                                 "--lr_schedule", "cosine", "--per_device_batch_size", "128", "--eval_every", "25"]),
-    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "60", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0",
-                                   "--num_ppo_epochs", "2", "--per_device_batch_size", "64", "--eval_every", "20"]),
+    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "120", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0",
+                                   "--num_ppo_epochs", "2", "--per_device_batch_size", "64", "--eval_every", "40"]),
 ]
 # The curves plotted for each stage: (y-axis label, metric names) per y-axis; a second one is drawn
 # on the right.
-CURVES = {"sft": [("loss (nats per token)", ["loss", "eval_loss"])],
-          "dpo": [("loss", ["loss"]), ("implicit reward accuracy", ["rewards/accuracies"])],
+CURVES = {"sft": [("loss (nats per token)", ["loss", "eval/loss"])],
+          "dpo": [("loss", ["loss"]), ("implicit reward accuracy", ["rewards/accuracies", "eval/rewards/accuracies"])],
           "grpo": [("reward, accuracy", ["reward", "eval/accuracy"])],
           "ppo": [("fraction correct", ["objective/verifiable_correct_rate", "eval/accuracy"])]}
 
@@ -76,11 +77,14 @@ class InputError(ValueError):
 
 
 def scaled(flags, scale):
-    """The flags with --max_steps / --num_epochs multiplied by scale (at least 1)."""
-    out = list(flags)
+    """The flags with --max_steps / --num_epochs multiplied by scale, in whole rollouts for PPO (a rollout
+    takes num_ppo_epochs x num_mini_batches optimizer steps) and at least one."""
+    out, value = list(flags), dict(zip(flags[::2], flags[1::2]))
+    unit = int(value.get("--num_ppo_epochs", 1)) * int(value.get("--num_mini_batches", 1))
     for i, flag in enumerate(out[:-1]):
         if flag in ("--max_steps", "--num_epochs"):
-            out[i + 1] = str(max(1, round(float(out[i + 1]) * scale)))
+            step_unit = unit if flag == "--max_steps" else 1
+            out[i + 1] = str(step_unit * max(1, round(float(out[i + 1]) * scale / step_unit)))
     return out
 
 

@@ -1,6 +1,6 @@
-"""Run by tests/test_sharded.py under torchrun: each training script's sharded loading (empty_model on the
-meta device, fully_shard, materialize from rank 0's full model) against an unsharded model read the usual
-way, and its streamed save_hf against from_pretrained. Asserts; a failure names the script and source.
+"""Run by tests/test_sharded.py under torchrun: each training script's sharded loading (Run.build: the model
+on the meta device, fully_shard, materialize from rank 0's full model) against an unsharded model read the
+usual way, and its streamed save_hf against from_pretrained. Asserts; a failure names the script and source.
 
     torchrun --nproc_per_node 2 tests/sharded_loading.py CHECKPOINT CONFIG_ONLY OUTPUT_DIR
 """
@@ -8,12 +8,12 @@ way, and its streamed save_hf against from_pretrained. Asserts; a failure names 
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
 import grpo
@@ -21,17 +21,18 @@ import ppo_rlvr
 import sft
 
 SEED = 3
-# each script's wrapper (the FSDP root) and the function with which its rank 0 reads the full policy
-SCRIPTS = {"sft": (sft, sft.PolicyLogprobs, sft.load_model), "dpo": (dpo, dpo.SequenceLogprobs, dpo.load_model),
-           "grpo": (grpo, grpo.PolicyLogprobs, grpo.load_model),
-           "ppo_rlvr": (ppo_rlvr, ppo_rlvr.PolicyLogprobs, ppo_rlvr.load_causal_lm)}
+# each script and its wrapper (the FSDP root) of the policy
+SCRIPTS = {"sft": (sft, sft.PolicyLogprobs), "dpo": (dpo, dpo.SequenceLogprobs), "grpo": (grpo, grpo.PolicyLogprobs),
+           "ppo_rlvr": (ppo_rlvr, ppo_rlvr.PolicyLogprobs)}
 
 
-def shard(root, decoder, mesh):
-    for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-    fully_shard(root, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-    return root
+def fake_run(script, rank, mesh=None):
+    """The script's Run with only what its build() reads: padded rows (the test's forward has no boundaries),
+    sdpa, fp32 compute, this rank on CPU, the mesh."""
+    run = object.__new__(script.Run)
+    run.args = SimpleNamespace(attn_implementation="sdpa", padding_free=False)
+    run.rank, run.device, run.mesh, run.compute_dtype = rank, torch.device("cpu"), mesh, torch.float32
+    return run
 
 
 def full_state(module):
@@ -62,16 +63,13 @@ def main(checkpoint, config_only, out):
     ids = torch.tensor([list(range(3, 60)), list(range(100, 157))])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     hybrid = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
-    for script_name, (script, wrapper, read) in SCRIPTS.items():
+    for script_name, (script, wrapper) in SCRIPTS.items():
         for source, dtype, mesh in [(checkpoint, torch.float32, None), (config_only, torch.float32, None),
                                     (checkpoint, torch.bfloat16, None), (config_only, torch.float32, hybrid)]:
             where = f"{script_name}, {os.path.basename(source)}, {dtype}, {'hsdp' if mesh else 'fsdp'}"
             torch.manual_seed(SEED)
-            full = wrapper(read(source, "sdpa")) if rank == 0 else None
-            lm = script.empty_model(source, "sdpa", dtype)
-            model = shard(wrapper(lm), lm.get_decoder(), mesh)
-            script.materialize(model, full, torch.device("cpu"))
-            del full
+            model = fake_run(script, rank, mesh).build(wrapper, source, dtype=dtype)
+            lm = model.lm
 
             # the reference: what every rank built before, from_pretrained or the seeded init from the config
             torch.manual_seed(SEED)
@@ -84,10 +82,9 @@ def main(checkpoint, config_only, out):
             if dtype == torch.float32:
                 assert torch.equal(logits(model, lm, ids), reference(input_ids=ids).logits), f"{where}: logits"
             if source == checkpoint and dtype == torch.float32 and mesh is None:
-                assert lm.generation_config.temperature == 0.7, f"{where}: the source's generation config is lost"
                 # streamed save in files of at most 100 kB, an index: from_pretrained gives the same model
                 final = os.path.join(out, script_name)
-                script.save_hf(final, model, lm, tokenizer, torch.float32, 2, rank, max_file_bytes=100_000)
+                script.save_hf(final, model, source, tokenizer, torch.float32, 2, rank, max_file_bytes=100_000)
                 files = sorted(f for f in os.listdir(final) if f.endswith(".safetensors"))
                 index = json.load(open(os.path.join(final, "model.safetensors.index.json")))
                 assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files, f"{where}: {files}"
@@ -97,15 +94,16 @@ def main(checkpoint, config_only, out):
                 assert torch.equal(saved(input_ids=ids).logits, logits(model, lm, ids)), f"{where}: saved logits"
                 generation = json.load(open(os.path.join(final, "generation_config.json")))
                 eos = sorted({2, tokenizer.eos_token_id} - {None})  # 2: the tiny tokenizer's <|im_end|>
+                # the source's generation config (its temperature 0.7), stopping at the end-of-turn token
                 assert generation["temperature"] == 0.7 and generation["eos_token_id"] == eos, generation
         if script is ppo_rlvr:  # the value model: the checkpoint's decoder and a new score head, seeded on rank 0
             torch.manual_seed(SEED)
-            full = ppo_rlvr.ValueModel(ppo_rlvr.load_value_model(checkpoint, "sdpa")) if rank == 0 else None
-            seqcls = ppo_rlvr.empty_model(checkpoint, "sdpa", torch.float32, value_model=True)
-            value_model = shard(ppo_rlvr.ValueModel(seqcls), seqcls.base_model, None)
-            ppo_rlvr.materialize(value_model, full, torch.device("cpu"))
+            run = fake_run(ppo_rlvr, rank)
+            value_model = run.build(ppo_rlvr.ValueModel, checkpoint, ppo_rlvr.load_value_model(checkpoint, run),
+                                    dropout=False, auto_class=AutoModelForSequenceClassification, num_labels=1)
             torch.manual_seed(SEED)
-            check_same("value model", full_state(seqcls), full_state(ppo_rlvr.load_value_model(checkpoint, "sdpa")))
+            check_same("value model", full_state(value_model.lm),
+                       full_state(ppo_rlvr.load_value_model(checkpoint, fake_run(ppo_rlvr, 0))))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -43,7 +43,7 @@ def main(model, dataset, out):
     phases = Phases()
     calls = {"materialize": 0, "refresh": 0}
     sizes = {}
-    load_model, empty_model, materialize = grpo.load_model, grpo.empty_model, grpo.materialize
+    load_full, empty_model, materialize = grpo.load_full, grpo.empty_model, grpo.materialize
     generation_copy, refresh, save_hf = grpo.generation_copy, grpo.refresh_generation_copy, grpo.save_hf
 
     def first_of_loading(fn):
@@ -77,7 +77,7 @@ def main(model, dataset, out):
 
     with torch.device("meta"):  # imports the model's code now: that memory is not the loading's
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-    grpo.load_model, grpo.empty_model = first_of_loading(load_model), first_of_loading(empty_model)
+    grpo.load_full, grpo.empty_model = first_of_loading(load_full), first_of_loading(empty_model)
     grpo.materialize, grpo.generation_copy = timed_materialize, timed_generation_copy
     grpo.refresh_generation_copy, grpo.save_hf = timed_refresh, timed_save
     grpo.main(grpo.Args(model=model, dataset=dataset, eval_dataset=None, output_dir=os.path.join(out, "run"),

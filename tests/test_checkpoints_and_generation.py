@@ -1,8 +1,8 @@
 """What every script saves and how every generator decodes: final/ carries the source model's config
 (the KV cache on) in the source's dtype or --save_dtype; the generation copies of grpo.py and
-ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and their
-static-cache compiled path gives exactly the greedy tokens of the dynamic one; --precision bf16
-runs every script end to end on 2 CPU ranks (gloo)."""
+ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and the static
+cache (the default on CUDA, where generate compiles its decode step) gives exactly the greedy tokens of
+the dynamic one; --precision bf16 runs every script end to end on 2 CPU ranks (gloo)."""
 
 import copy
 import json
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, read_metrics, run_script, write_jsonl
 
@@ -78,7 +78,7 @@ def no_cache_lm():
 def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script, dtype, no_cache_lm):
     """The copy computes exactly what the policy computes in the compute dtype (FSDP casts parameters,
     not buffers: the rotary frequencies stay fp32), and decodes with a KV cache."""
-    gen_lm = script.generation_copy(no_cache_lm, dtype, torch.device("cpu"), "sdpa")
+    gen_lm = script.generation_copy(script.PolicyLogprobs(no_cache_lm), dtype, torch.device("cpu"), "sdpa")
     script.refresh_generation_copy(script.PolicyLogprobs(no_cache_lm), gen_lm)
     ids = torch.tensor([list(range(3, 60))])
     policy = copy.deepcopy(no_cache_lm)
@@ -86,12 +86,7 @@ def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script,
         param.data = param.data.to(dtype)
     torch.testing.assert_close(gen_lm(ids).logits, policy(ids).logits, rtol=0, atol=0)
     widths = input_lengths(gen_lm)
-    if script is grpo:
-        generation = GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6, eos_token_id=EOT,
-                                      pad_token_id=0, **grpo.cache_settings(False))
-        grpo.sample(gen_lm, PROMPTS, generation, 0, EOT)
-    else:
-        ppo_rlvr.generate(gen_lm, PROMPTS, 0, EOT, 6, 1.0, True, torch.device("cpu"))
+    script.sample(gen_lm, PROMPTS, 0, [EOT], 6)
     # the prompt once, then one new token per step; without a cache every step re-reads everything
     assert widths[0] == 5 and widths[1:] == [1] * (len(widths) - 1) and len(widths) > 1
 
@@ -101,15 +96,13 @@ def test_eval_decodes_one_token_per_step_from_a_checkpoint_without_cache(tmp_pat
     assert all(json.loads((path / name).read_text())["use_cache"] is False
                for name in ("config.json", "generation_config.json"))
     model = evaluation.load_model(path, torch.float32, torch.device("cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     widths = input_lengths(model)
-    args = evaluation.Args(model=str(path), max_new_tokens=6)
-    evaluation.generate(model, tokenizer, ["What is 1 + 2?", "Hi"], args, [EOT], torch.device("cpu"))
+    evaluation.sample(model, demo_prompts(2), 0, [EOT], 6)
     assert widths[1:] == [1] * (len(widths) - 1) and len(widths) > 1
 
 
 # ---------------------------------------------------------------------------------------------
-# The static KV cache and compiled decode step (the default on CUDA) run on CPU too
+# The static KV cache (the default on CUDA, where generate compiles the decode step) runs on CPU too
 
 
 @pytest.fixture(scope="module")
@@ -117,50 +110,24 @@ def policy(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("policy") / "lm", torch.float32)
 
 
-def with_compiled_graphs(run):
-    """run()'s result and the number of graphs torch.compile built during it (earlier ones are
-    forgotten first: a new model instance would otherwise reuse their code without compiling)."""
-    torch._dynamo.reset()
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    result = run()
-    return result, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-
-
-def test_grpo_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(policy):
+@pytest.mark.parametrize("script", [grpo, ppo_rlvr])
+def test_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(script, policy):
     lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     prompts = demo_prompts(6)
-
-    def greedy(static, width=None):
-        generation = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=EOT, pad_token_id=0,
-                                      **grpo.cache_settings(static))
-        return grpo.sample(lm, prompts, generation, 0, EOT, width)
-
-    dynamic = greedy(False)
+    dynamic = script.sample(lm, prompts, 0, [EOT], 12)
     assert len({tuple(c) for c in dynamic[0]}) > 1 and len(set(dynamic[0][0])) > 3  # varied completions
-    static, graphs = with_compiled_graphs(lambda: greedy(True, width=64))
-    assert static == dynamic and graphs > 0
-
-
-def test_ppo_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(policy):
-    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
-    prompts = demo_prompts(6)
-    cpu = torch.device("cpu")
-    _, _, dynamic, dynamic_mask = ppo_rlvr.generate(lm, prompts, 0, EOT, 12, 1.0, True, cpu)
-    (query, query_mask, static, static_mask), graphs = with_compiled_graphs(
-        lambda: ppo_rlvr.generate(lm, prompts, 0, EOT, 12, 1.0, True, cpu, 64))
-    assert graphs > 0
-    assert query.shape == (6, 64) and query_mask.sum(1).tolist() == [len(p) for p in prompts]
-    assert torch.equal(static, dynamic) and torch.equal(static_mask, dynamic_mask)
+    widths = input_lengths(lm)
+    assert script.sample(lm, prompts, 0, [EOT], 12, width=64) == dynamic
+    assert widths[0] == 64  # every prompt left-padded to the static width
 
 
 def test_eval_static_cache_gives_the_greedy_completions_of_the_dynamic_one(policy):
     def completions(cache):
-        args = evaluation.Args(model=str(policy), max_new_tokens=12, max_rows=6, generation_cache=cache)
+        args = evaluation.Args(model=str(policy), max_completion_len=12, max_rows=6, generation_cache=cache)
         return [r["completions"] for r in evaluation.evaluate(args)[1]]
 
     dynamic = completions("dynamic")
-    static, graphs = with_compiled_graphs(lambda: completions("static"))
-    assert static == dynamic and graphs > 0
+    assert completions("static") == dynamic
     assert len(set(c[0] for c in dynamic)) > 1
 
 
@@ -224,7 +191,7 @@ RUNS = {
     "dpo": ["--per_device_batch_size", 2, "--max_seq_len", 64],
     "grpo": ["--num_generations", 4, "--per_device_batch_size", 4, "--max_prompt_len", 64, "--max_completion_len", 8,
              "--beta", 0.1, "--generation_cache", "static"],
-    "ppo_rlvr": ["--per_device_batch_size", 4, "--num_ppo_epochs", 1, "--max_prompt_len", 64, "--max_new_tokens", 8,
+    "ppo_rlvr": ["--per_device_batch_size", 4, "--num_ppo_epochs", 1, "--max_prompt_len", 64, "--max_completion_len", 8,
                  "--generation_cache", "static"],
 }
 
@@ -253,7 +220,7 @@ def test_bf16_on_two_ranks_saves_the_source_config(script, sources, tmp_path):
 
 def test_eval_bf16_with_the_static_cache_on_two_ranks(sources, tmp_path):
     proc = run_script("eval.py", "--model", sources["plain"], "--precision", "bf16", "--generation_cache", "static",
-                      "--max_rows", 8, "--max_new_tokens", 8, "--output", tmp_path / "eval.jsonl", nproc=2)
+                      "--max_rows", 8, "--max_completion_len", 8, "--output", tmp_path / "eval.jsonl", nproc=2)
     records = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
     assert [r["index"] for r in records] == list(range(8)) and all(len(r["completions"]) == 1 for r in records)
     assert '"num_rows": 8' in proc.stdout

@@ -29,7 +29,7 @@ TRAINERS = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rl
 QUICK = {"sft.py": ["--per_device_batch_size", 4],
          "dpo.py": ["--per_device_batch_size", 4],
          "grpo.py": ["--per_device_batch_size", 8, "--num_generations", 4, "--max_completion_len", 8],
-         "ppo_rlvr.py": ["--per_device_batch_size", 4, "--max_new_tokens", 8, "--num_ppo_epochs", 1]}
+         "ppo_rlvr.py": ["--per_device_batch_size", 4, "--max_completion_len", 8, "--num_ppo_epochs", 1]}
 GOOD_SFT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
@@ -62,8 +62,8 @@ def test_a_row_without_messages_is_one_line(tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", [GOOD_SFT_ROW] * 3 + [{"text": "no messages"}])
     proc = run_script("sft.py", "--dataset", data, "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 1
-    assert only_line(proc.stderr) == (f"error: {data} row 3: `messages` must be a non-empty list of "
-                                      "{role, content}, got None")
+    assert only_line(proc.stderr) == (f"error: {data} row 3: expected a non-empty list of {{role, content}} "
+                                      "messages, got None")
 
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
@@ -118,8 +118,8 @@ def test_a_missing_default_model_says_which_checkpoint_to_pass(script, stage, tm
 def test_eval_checks_its_flags():
     with pytest.raises(evaluation.InputError, match="--num_samples > 1 needs --temperature > 0"):
         evaluation.check_args(evaluation.Args(model=TINY, num_samples=4))
-    with pytest.raises(evaluation.InputError, match="--max_new_tokens must be >= 1"):
-        evaluation.check_args(evaluation.Args(model=TINY, max_new_tokens=0))
+    with pytest.raises(evaluation.InputError, match="--max_completion_len must be >= 1"):
+        evaluation.check_args(evaluation.Args(model=TINY, max_completion_len=0))
 
 
 def test_a_used_output_dir_is_refused_resumed_once_per_step_or_overwritten(tmp_path):
@@ -204,7 +204,7 @@ def test_help_spells_flags_with_underscores_and_both_spellings_work():
         flags = [word for word in text.split() if word.startswith("--")]
         assert "--help" in flags and not any("-" in flag[2:] for flag in flags), (script, flags)
         if script != "pipeline.py":
-            assert "--max_new_tokens" in flags or "--max_steps" in flags, script
+            assert "--max_completion_len" in flags or "--max_steps" in flags, script
         if script in TRAINERS:
             words = " ".join(text.replace("│", " ").split())
             assert "--overwrite_output_dir," in flags and "(None: output_dir's name) (default: None)" in words

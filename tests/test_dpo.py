@@ -1,6 +1,6 @@
 """dpo.py: the losses against independent formulas, data formats and masking, bad rows, end to end
 on 2 CPU ranks, exact equivalence of gradient accumulation / data parallelism / resume, the
-reference cache (reused without a reference pass, refused when it does not match), SimPO without a
+reference cache (reused without a reference pass, not by another setup), SimPO without a
 reference, SIGTERM, and learning on the demo preference pairs."""
 
 import json
@@ -85,7 +85,7 @@ def test_each_loss_type_matches_its_formula():
 
 
 def test_formats_tokenize_alike_and_only_the_final_response_carries_log_prob(tokenizer):
-    eot_text, _ = dpo.end_of_turn_token(tokenizer)
+    _, eot_text, _, _ = dpo.load_tokenizer(TINY)
     prompt = [{"role": "system", "content": "Add."}, {"role": "user", "content": "What is 1 + 2?"},
               {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 40 + 2?"}]
     good, bad = {"role": "assistant", "content": "40 + 2 = 42"}, {"role": "assistant", "content": "40 + 2 = 24"}
@@ -116,7 +116,7 @@ def test_malformed_rows_name_the_row_and_the_problem():
         "rejected must end with the assistant's response": {"chosen": [user, answer], "rejected": [user]},
         "chosen has no prompt": {"chosen": [answer], "rejected": [answer]},
         "message 1 must be": {"chosen": [user, {"role": "assistant", "content": None}], "rejected": [user, answer]},
-        "expected a list": {"prompt": [user], "chosen": {"role": "assistant"}, "rejected": [answer]},
+        "chosen: expected a non-empty list": {"prompt": [user], "chosen": {"role": "assistant"}, "rejected": [answer]},
     }
     for message, row in cases.items():
         with pytest.raises(ValueError, match=f"row 7.*{message}"):
@@ -228,7 +228,7 @@ def test_two_ranks_end_to_end(runs, data, tokenizer):
     assert metrics[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert metrics[1][key] == pytest.approx(0, abs=1e-5), key
-    assert metrics[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     # the first batch's logps/chosen is the mean summed log-prob of its chosen responses
     rows = demo_rows("dpo_train.jsonl", 32)
     first = dpo.global_batch(0, len(rows), 4, seed=1)
@@ -239,10 +239,10 @@ def test_two_ranks_end_to_end(runs, data, tokenizer):
     assert (out / "step_2" / "trainer_state.json").exists() and (out / "step_4").exists()
     assert not list(out.glob("*.tmp"))
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
-    assert "eval_rewards/accuracies" in metrics[4] and "eval_loss" in metrics[4] and "eval_loss" in metrics[2]
+    assert "eval/rewards/accuracies" in metrics[4] and "eval/loss" in metrics[4] and "eval/loss" in metrics[2]
     # the last step's eval (--eval_every 2) is not run again at the end of training
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert sum("eval_loss" in row for row in lines) == 3, lines
+    assert sum("eval/loss" in row for row in lines) == 3, lines
 
 
 def test_accumulation_and_data_parallel_give_the_same_update(runs):
@@ -254,7 +254,7 @@ def test_accumulation_and_data_parallel_give_the_same_update(runs):
             for key in ("loss", "rewards/margins", "logps/chosen"):
                 assert metrics[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-5), (name, step, key)
             assert metrics[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), (name, step)
-        assert metrics[4]["eval_loss"] == pytest.approx(reference[4]["eval_loss"], rel=1e-5)
+        assert metrics[4]["eval/loss"] == pytest.approx(reference[4]["eval/loss"], rel=1e-5)
         # DPO's gradient is a difference of the chosen and rejected gradients, which nearly cancel on
         # some weights; Adam turns such near-zero gradients into near-full-size steps, so their
         # rounding shows on a few elements (a wrong normalization would show in grad_norm above)
@@ -285,12 +285,12 @@ def test_rerun_uses_the_cached_reference_without_a_reference_pass(runs, data, tm
     cache["train"][:, 0] += 2.0
     torch.save(cache, out / source.name)
     proc = run_script("dpo.py", *COMMON, "--dataset", data["train"], "--eval_dataset", data["eval"],
-                      "--per_device_batch_size", 4, "--output_dir", out)
+                      "--per_device_batch_size", 4, "--eval_every", 4, "--output_dir", out)
     assert f"reusing {out / source.name} (no reference pass)" in proc.stdout
     metrics = read_metrics(out)
     assert metrics[1]["loss"] == pytest.approx(-log_sigmoid(-2 * BETA), abs=1e-6)
     assert metrics[1]["rewards/chosen"] == pytest.approx(-2 * BETA, abs=1e-5)
-    assert metrics[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # eval entries untouched
+    assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # eval entries untouched
 
 
 def test_ref_model_is_the_reference(runs, data, tokenizer, tmp_path):
@@ -311,15 +311,16 @@ def test_ref_model_is_the_reference(runs, data, tokenizer, tmp_path):
         -BETA * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))).mean().item(), rel=1e-4)
 
 
-def test_mismatched_cache_is_refused(runs, data, tmp_path):
-    source, = runs["ref"].glob("ref_logps_*.pt")
+def test_another_setup_gets_its_own_cache(runs, data, tmp_path):
+    """A run whose pairs are tokenized differently (--max_seq_len 48) does not reuse the cache of the runs
+    above in the shared directory: it makes one pass and writes a cache of its own beside it."""
+    shared = tmp_path / "ref"
+    shutil.copytree(runs["ref"], shared)
     proc = run_script("dpo.py", *["48" if a == "64" else a for a in COMMON], "--dataset", data["train"],
-                      "--eval_dataset", data["eval"], "--per_device_batch_size", 4, "--ref_cache", source,
-                      "--output_dir", tmp_path / "out", check=False)
-    assert proc.returncode != 0
-    assert f"--ref_cache {source} holds reference log-probs of another setup" in proc.stderr
-    assert "'max_seq_len': (64, 48)" in proc.stderr
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+                      "--eval_dataset", data["eval"], "--per_device_batch_size", 4, "--ref_cache_dir", shared,
+                      "--output_dir", tmp_path / "out")
+    assert "reference log-probs: one pass of" in proc.stdout
+    assert len(list(shared.glob("ref_logps_*.pt"))) == 2
 
 
 def test_simpo_runs_without_a_reference_and_sigterm_saves(data, tokenizer, tmp_path):
@@ -368,13 +369,13 @@ def test_dpo_learns_the_demo_preferences(demo_pipeline):
     """The pipeline's DPO stage (dpo_norm, beta 5, lr 3e-5, 64 steps of 16 pairs from the demo SFT
     model) makes the implicit reward prefer the correct answer on training batches and held-out
     pairs and lowers the held-out loss from ln 2. Measured: rewards/accuracies over the last 10
-    steps 0.71 (0.5 is chance: at step 1 policy = reference), eval_rewards/accuracies 0 -> 0.75,
-    eval_loss 0.693 -> 0.542."""
+    steps 0.71 (0.5 is chance: at step 1 policy = reference), eval/rewards/accuracies 0 -> 0.75,
+    eval/loss 0.693 -> 0.542."""
     out, _ = demo_pipeline
     metrics = read_metrics(out / "dpo")
     last = max(metrics)
     assert sum(metrics[s]["rewards/accuracies"] for s in range(last - 9, last + 1)) / 10 >= 0.62
-    assert metrics[0]["eval_rewards/accuracies"] == 0 and metrics[last]["eval_rewards/accuracies"] >= 0.65
-    assert metrics[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert metrics[last]["eval_loss"] <= math.log(2) - 0.1
-    assert metrics[last]["eval_rewards/margins"] > 0.3
+    assert metrics[0]["eval/rewards/accuracies"] == 0 and metrics[last]["eval/rewards/accuracies"] >= 0.65
+    assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[last]["eval/loss"] <= math.log(2) - 0.1
+    assert metrics[last]["eval/rewards/margins"] > 0.3

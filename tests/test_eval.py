@@ -68,7 +68,7 @@ def random_checkpoint(tmp_path_factory):
 
 
 def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_path):
-    common = ["--model", random_checkpoint, "--max_new_tokens", 8, "--max_rows", 12]
+    common = ["--model", random_checkpoint, "--max_completion_len", 8, "--max_rows", 12]
     proc_one = run_script("eval.py", *common, "--output", tmp_path / "one.jsonl")
     proc_two = run_script("eval.py", *common, "--output", tmp_path / "two.jsonl", nproc=2)
     one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
@@ -84,29 +84,28 @@ def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_p
     assert last_json(proc_two.stdout)["accuracy"] == pytest.approx(sum(r["scores"][0] for r in two) / 12)
 
 
-def test_completions_end_at_the_first_stop_token_or_are_cut_at_max_new_tokens(random_checkpoint):
-    """generate's (text, ended, length) against the same sampling (same seed) with no stop token: a
-    completion ends at the first stop token in it, else it is cut at --max_new_tokens."""
+def test_completions_end_at_the_first_stop_token_or_are_cut_at_max_completion_len(random_checkpoint):
+    """sample's completions against the same sampling (same seed) with no stop token: a completion ends at
+    the first stop token in it, else it is cut at --max_completion_len."""
     model = evaluation.load_model(random_checkpoint, torch.float32, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(random_checkpoint, padding_side="left")
     prompts = ["What is 12 + 30?", "Hi", "What is 7 times 8?", "What is 3 + 4?"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     model.generation_config.eos_token_id = None
     torch.manual_seed(0)
-    raw = model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0,
+    raw = model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                          pad_token_id=tokenizer.pad_token_id, use_cache=True)
     raw = raw[:, enc.input_ids.shape[1]:].tolist()
     position = next(p for p in range(1, 8) if raw[0][p] not in raw[0][:p])  # the first time a token appears
     stop = raw[0][position]
-    args = evaluation.Args(model=str(random_checkpoint), max_new_tokens=8, temperature=1.0)
     torch.manual_seed(0)
-    generated = evaluation.generate(model, tokenizer, prompts, args, [stop], torch.device("cpu"))
-    for tokens, [(text, ended, length)] in zip(raw, generated):
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    completions, ended = evaluation.sample(model, ids, tokenizer.pad_token_id, [stop], 8, temperature=1.0)
+    for tokens, completion, stopped in zip(raw, completions, ended):
         expected_length = tokens.index(stop) + 1 if stop in tokens else 8
-        assert (ended, length) == (stop in tokens, expected_length)
-        assert text == tokenizer.decode(tokens[:expected_length], skip_special_tokens=True)
-    assert generated[0][0][1:] == (True, position + 1)
-    assert not all(ended for [(_, ended, _)] in generated), "every completion ended: pick another seed"
+        assert (stopped, completion) == (stop in tokens, tokens[:expected_length])
+    assert ended[0] and len(completions[0]) == position + 1
+    assert not all(ended), "every completion ended: pick another seed"
 
 
 def last_json(stdout):
@@ -121,7 +120,7 @@ def test_ifeval_rows_report_strict_and_loose_from_their_completions(random_check
                                          "kwargs": [c[1] for c in constraints[i % 4:]]})} for i in range(6)]
     rows.append({"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"})
     proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", write_jsonl(tmp_path / "if.jsonl", rows),
-                      "--max_new_tokens", 12, "--output", tmp_path / "out.jsonl")
+                      "--max_completion_len", 12, "--output", tmp_path / "out.jsonl")
     summary = last_json(proc.stdout)
     records = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     strict = [evaluation.instruction_results(r["completions"][0], r["ground_truth"]) for r in records[:6]]
@@ -139,4 +138,4 @@ def test_bad_rows_are_rejected_with_their_index(random_checkpoint, tmp_path):
     rows[1]["dataset"] = "no_such_verifier"
     proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", write_jsonl(tmp_path / "r.jsonl", rows),
                       check=False)
-    assert proc.returncode != 0 and "row 1: `dataset` 'no_such_verifier' is not a verifier" in proc.stderr
+    assert proc.returncode != 0 and "row 1: no verifier named 'no_such_verifier'" in proc.stderr

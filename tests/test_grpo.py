@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, read_metrics, run_script, write_jsonl
 
@@ -102,33 +102,33 @@ def test_micro_batch_targets_are_the_completion_tokens():
 
 
 def test_sampling_stops_at_end_of_turn_and_reports_truncation():
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
-    eot_text, eot_id = grpo.end_of_turn_token(tokenizer)
+    _, eot_text, eot_id, _ = grpo.load_tokenizer(TINY)
     assert eot_text == "<|im_end|>"
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY)).eval()
-    # the random model is near uniform over 320 tokens; a bias makes the end-of-turn token likely
-    # enough (about 1 in 15 per step) that both finished and truncated completions occur
-    generation = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=eot_id, pad_token_id=0,
-                                  sequence_bias={(eot_id,): 3.0})
+    # the random model is near uniform over 320 tokens; a bias on the head makes the end-of-turn token
+    # likely enough (about 1 in 15 per step) that both finished and truncated completions occur
+    bias = torch.zeros(lm.config.vocab_size)
+    bias[eot_id] = 3.0
+    lm.get_output_embeddings().register_forward_hook(lambda module, inputs, logits: logits + bias)
     prompts = [[1, 2, 3], [4], [5, 6]] * 8
-    completions, truncated = grpo.sample(lm, prompts, generation, 0, eot_id)
-    for completion, cut in zip(completions, truncated):
-        assert cut == (eot_id not in completion)
-        assert len(completion) == 12 if cut else completion.index(eot_id) == len(completion) - 1
-    assert any(truncated) and not all(truncated)
+    completions, ended = grpo.sample(lm, prompts, 0, [eot_id], 12, temperature=1.0)
+    for completion, stopped in zip(completions, ended):
+        assert stopped == (eot_id in completion)
+        assert completion.index(eot_id) == len(completion) - 1 if stopped else len(completion) == 12
+    assert any(ended) and not all(ended)
 
 
 def test_bad_rows_name_the_row():
     good = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"}
-    grpo.check_row(good, "row 0")
+    grpo.check_rl_row(good, "row 0")
     for bad, message in [({**good, "ground_truth": "two"}, "row 3: gsm8k ground truth holds no number"),
                          ({**good, "dataset": "nope"}, "row 3: no verifier named 'nope'"),
                          ({**good, "ground_truth": 2}, "row 3: `ground_truth` must be a string"),
                          ({**good, "messages": good["messages"] + [{"role": "assistant", "content": "2"}]},
                           "row 3: the prompt ends with an assistant message")]:
         with pytest.raises(ValueError, match=message):
-            grpo.check_row(bad, "row 3")
+            grpo.check_rl_row(bad, "row 3")
 
 
 def test_malformed_row_stops_the_run_before_compute(tmp_path, sft_demo_checkpoint):

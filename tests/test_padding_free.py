@@ -203,22 +203,20 @@ def test_grpo_forward(packed):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_ppo_forward(packed):
-    """The rollout as generation leaves it (left-padded prompts, junk after each completion's end)
-    gives each completion token the policy's log-prob and entropy at temperature T and the value
-    model's value, laid out [rows, longest completion], as each sequence alone does."""
+    """The rollout's sequences (each prompt and completion; completions of different lengths) give each
+    completion token the policy's log-prob and entropy at temperature T and the value model's value, laid
+    out [rows, longest completion], as each sequence alone does."""
     lm = fp64_model()
     config = AutoConfig.from_pretrained(TINY)
     config.num_labels = 1
     seqcls = AutoModelForSequenceClassification.from_config(config, dtype=torch.float64)
     prompts = [random_ids(n) for n in (5, 30, 2, 9)]
     n_completion = [1, MAX_LEN - 30, 17, 4]  # a one-token completion, one filling the maximum length
-    width_p, width_c = max(map(len, prompts)), max(n_completion)
-    query, query_mask = torch.zeros(4, width_p, dtype=torch.long), torch.zeros(4, width_p, dtype=torch.long)
+    width_c = max(n_completion)
     completion = torch.randint(3, 300, (4, width_c))
-    for b, p in enumerate(prompts):
-        query[b, width_p - len(p):], query_mask[b, width_p - len(p):] = torch.tensor(p), 1
     mask = torch.arange(width_c)[None] < torch.tensor(n_completion)[:, None]
-    sequences = ppo_rlvr.rollout_sequences(query, query_mask, completion, mask)
+    sequences = [(p + completion[b, :n].tolist(), [-100] * (len(p) - 1) + completion[b, :n].tolist() + [-100])
+                 for b, (p, n) in enumerate(zip(prompts, n_completion))]
     rows = [0, 2, 3, 1]
     batch = ppo_rlvr.micro_batch(sequences, mask, rows, packed, pad_id=0)
 
@@ -316,7 +314,7 @@ def test_sft_packed_with_a_token_budget_trains_as_padded(tmp_path):
                "--output_dir", tmp_path / "padded")
     run_script("sft.py", *common, "--per_device_batch_size", 4, "--max_tokens_per_micro_batch", 80,
                "--output_dir", tmp_path / "packed", nproc=2)
-    same_training(tmp_path / "padded", tmp_path / "packed", ["loss", "grad_norm", "eval_loss"])
+    same_training(tmp_path / "padded", tmp_path / "packed", ["loss", "grad_norm", "eval/loss"])
 
 
 def test_dpo_packed_with_a_token_budget_trains_as_padded(tmp_path):
@@ -329,8 +327,8 @@ def test_dpo_packed_with_a_token_budget_trains_as_padded(tmp_path):
     run_script("dpo.py", *common, "--per_device_batch_size", 4, "--max_tokens_per_micro_batch", 160,
                "--output_dir", tmp_path / "packed", nproc=2)
     # DPO's gradient nearly cancels on some weights, which Adam turns into near-full steps whose sign is
-    # rounding (see test_dpo.py); the final eval_loss checks the weights instead
-    same_training(tmp_path / "padded", tmp_path / "packed", ["loss", "grad_norm", "logps/chosen", "eval_loss"],
+    # rounding (see test_dpo.py); the final eval/loss checks the weights instead
+    same_training(tmp_path / "padded", tmp_path / "packed", ["loss", "grad_norm", "logps/chosen", "eval/loss"],
                   weights_atol=None)
 
 
@@ -357,7 +355,7 @@ def test_grpo_packed_with_a_token_budget_trains_as_padded(tmp_path):
 def test_ppo_packed_with_a_token_budget_trains_as_padded(tmp_path):
     """From the random tiny model; with one PPO epoch the packed run's first (only) minibatch still
     reproduces the rollout's log-probs exactly, micro-batches cut by the token budget included."""
-    common = ["--model", TINY, "--eval_dataset", "None", "--precision", "fp32", "--max_new_tokens", 12,
+    common = ["--model", TINY, "--eval_dataset", "None", "--precision", "fp32", "--max_completion_len", 12,
               "--per_device_batch_size", 4, "--grad_accum_steps", 2, "--num_ppo_epochs", 1, "--max_steps", 2]
     run_script("ppo_rlvr.py", *common, "--no_padding_free", "--output_dir", tmp_path / "padded", nproc=2)
     run_script("ppo_rlvr.py", *common, "--max_tokens_per_micro_batch", 70, "--output_dir", tmp_path / "packed", nproc=2)

@@ -19,9 +19,10 @@ STAGES = ["sft", "dpo", "grpo", "ppo"]
 def run_dir(tmp_path):
     """Metrics as the four stages log them."""
     rows = {
-        "sft": [{"step": s, "loss": 5.0 / s} for s in range(1, 11)] + [{"step": s, "eval_loss": 4.0 / s} for s in (5, 10)],
-        "dpo": [{"step": 0, "eval_loss": 0.69}] + [{"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": s / 8}
-                                                   for s in range(1, 7)],
+        "sft": [{"step": s, "loss": 5.0 / s} for s in range(1, 11)] + [{"step": s, "eval/loss": 4.0 / s} for s in (5, 10)],
+        "dpo": [{"step": 0, "eval/loss": 0.69, "eval/rewards/accuracies": 0.0}]
+        + [{"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": s / 8} for s in range(1, 7)]
+        + [{"step": 6, "eval/rewards/accuracies": 0.8}],
         "grpo": [{"step": 0, "eval/accuracy": 0.6}] + [{"step": s, "reward": 0.5 + s / 100} for s in range(1, 9)]
         + [{"step": 8, "eval/accuracy": 0.7}],
         "ppo": [{"step": s, "objective/verifiable_correct_rate": 0.4 + s / 50} for s in range(1, 6)]
@@ -51,14 +52,16 @@ def test_every_curve_has_its_own_labelled_axis(run_dir):
         assert ax.get_ylabel(), title
     # DPO: the loss on the left axis, the reward accuracy on the right one
     dpo_loss, dpo_accuracy = panels["DPO"], twins["DPO"][0]
-    assert list(curves(dpo_loss)) == ["loss"] and list(curves(dpo_accuracy)) == ["rewards/accuracies"]
+    assert list(curves(dpo_loss)) == ["loss"]
+    assert list(curves(dpo_accuracy)) == ["rewards/accuracies", "eval/rewards/accuracies"]
     assert dpo_loss.get_ylabel() == "loss" and "accuracy" in dpo_accuracy.get_ylabel()
     assert curves(dpo_accuracy)["rewards/accuracies"] == ([1, 2, 3, 4, 5, 6], [s / 8 for s in range(1, 7)])
+    assert curves(dpo_accuracy)["eval/rewards/accuracies"] == ([0, 6], [0.0, 0.8])
     colors = [line.get_color() for line in dpo_loss.get_lines() + dpo_accuracy.get_lines()]
-    assert len(set(colors)) == 2
+    assert len(set(colors)) == 3
     # every logged point of each curve is drawn
     sft = curves(panels["SFT"])
-    assert sft["eval_loss"] == ([5, 10], [0.8, 0.4]) and len(sft["loss"][0]) == 10
+    assert sft["eval/loss"] == ([5, 10], [0.8, 0.4]) and len(sft["loss"][0]) == 10
     assert curves(panels["GRPO"])["eval/accuracy"] == ([0, 8], [0.6, 0.7])
     assert curves(panels["PPO"])["objective/verifiable_correct_rate"][0] == [1, 2, 3, 4, 5]
     assert [bar.get_height() for bar in panels["held-out accuracy"].patches[:4]] == [0.72, 0.69, 0.77, 0.77]

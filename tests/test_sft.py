@@ -37,7 +37,7 @@ def test_only_assistant_turns_carry_loss(tokenizer):
                 {"role": "assistant", "content": "1 + 2 = 3\n#### 3"},
                 {"role": "user", "content": "And 40 + 2?"},
                 {"role": "assistant", "content": "40 + 2 = 42\n#### 42"}]
-    eot_text, eot_id = sft.end_of_turn_token(tokenizer)
+    _, eot_text, eot_id, _ = sft.load_tokenizer(TINY)
     assert eot_text == "<|im_end|>" and eot_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids, labels = sft.tokenize_conversation(tokenizer, messages, eot_text, 1000, "test")
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
@@ -110,10 +110,11 @@ def final_weights(path):
 def test_two_ranks_end_to_end(runs):
     out = runs["ranks2"]
     metrics = read_metrics(out)
-    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
-    for row in metrics.values():
+    assert sorted(metrics) == [0, 1, 2, 3, 4, 5, 6]  # --eval_every 3 evaluates before the first step too
+    for step in range(1, 7):
         for key in ("loss", "grad_norm", "learning_rate", "perf/tokens_per_second"):
-            assert math.isfinite(row[key]), key
+            assert math.isfinite(metrics[step][key]), key
+    assert metrics[0]["eval/loss"] > metrics[3]["eval/loss"]
     assert metrics[1]["loss"] > metrics[6]["loss"]
     assert (out / "step_3" / "trainer_state.json").exists() and (out / "step_6").exists()
     assert not list(out.glob("*.tmp"))
@@ -144,12 +145,12 @@ def test_resume_continues_the_same_curve(runs):
 
 
 def test_hf_checkpoint_reproduces_the_trained_model(runs):
-    """eval_loss was computed by the sharded model in training; recompute it from final/ with a
+    """eval/loss was computed by the sharded model in training; recompute it from final/ with a
     plain Hugging Face forward and full log_softmax."""
     out = runs["ranks2"]
     metrics = read_metrics(out)
-    assert "eval_loss" in metrics[3] and metrics[6]["eval_loss"] < metrics[3]["eval_loss"]
-    logged = metrics[6]["eval_loss"]
+    assert "eval/loss" in metrics[3] and metrics[6]["eval/loss"] < metrics[3]["eval/loss"]
+    logged = metrics[6]["eval/loss"]
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     lm = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     nll, count = 0.0, 0
@@ -211,6 +212,6 @@ def test_sft_learns_the_demo_task(sft_demo_checkpoint):
     the carry dropped, nearly all wrong (measured: 0.04)."""
     path, (accuracy, carry_accuracy) = sft_demo_checkpoint
     metrics = read_metrics(path.parent)
-    assert metrics[1]["loss"] > 4 and metrics[max(metrics)]["eval_loss"] < 0.1
+    assert metrics[1]["loss"] > 4 and metrics[max(metrics)]["eval/loss"] < 0.1
     assert accuracy >= 0.55, accuracy
     assert carry_accuracy <= 0.25, carry_accuracy
