@@ -16,18 +16,24 @@ jsonl file. Generation is the RL scripts' own (the same sample() below the banne
         --temperature 0.6 --num_samples 8
 """
 
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import os
 import sys
+import textwrap
+import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
 import tyro
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from nanopost import verifiers
 from nanopost.verifiers.ifeval import instruction_results
@@ -106,6 +112,8 @@ def evaluate(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    if device.type == "cpu":
+        cpu_threads()
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
     rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer)[:args.max_rows]
     dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
@@ -124,8 +132,8 @@ def evaluate(args):
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         prompts = [rows[i]["prompt_ids"] for i in batch for _ in range(args.num_samples)]
-        completions, ended = sample(model, prompts, pad_id, stop_ids, args.max_completion_len, args.temperature,
-                                    args.top_p, width)
+        completions, ended, _ = sample(model, prompts, pad_id, stop_ids, args.max_completion_len, args.temperature,
+                                       args.top_p, width)
         for k, i in enumerate(batch):
             mine_k = range(k * args.num_samples, (k + 1) * args.num_samples)
             records.append(score(i, rows[i], tokenizer, [completions[j] for j in mine_k], [ended[j] for j in mine_k]))
@@ -322,13 +330,37 @@ def prepare_dataset(name, split, columns, prepare, keep, dropped_because):
 # Checkpoints: output_dir/step_N (sharded, resumable)
 
 
+def cpu_threads():
+    """On CPU, unless OMP_NUM_THREADS says otherwise, this process's threads: one core fewer than the
+    machine's, shared by the node's ranks. With a thread on every core, another busy process slows every
+    step several-fold (each parallel region waits for its slowest thread)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def prose_help(args_class):
+    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
+    helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+             if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    return dataclasses.make_dataclass(args_class.__name__, [
+        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(args_class)])
+
+
 def launch(main, args_class):
-    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
+    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
+    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
+    it prints last, names it."""
     try:
-        main(tyro.cli(args_class, use_underscores=True))
+        main(tyro.cli(prose_help(args_class), use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": f"error: {error}", "timestamp": int(time.time())}, f)
         sys.exit(1)
 
 
@@ -369,14 +401,37 @@ def static_cache(generation_cache, device):
     return generation_cache == "static" or (generation_cache == "auto" and device.type == "cuda")
 
 
+class SamplerLogprobs(LogitsProcessor):
+    """generate's logits processor when sampling: it applies the temperature, then top-p, as generate's own
+    warpers would (those are left out), and records the log-prob of each sampled token under that final
+    distribution, the one it was drawn from. One step at a time: [batch, vocab] is held for one step."""
+
+    def __init__(self, temperature, top_p):
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] * (temperature != 1.0) +
+                                           [TopPLogitsWarper(top_p)] * (top_p < 1.0))
+        self.logprobs, self.last = [], None
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:  # the token drawn at the previous step is the last input now
+            self.record(input_ids[:, -1])
+        scores = self.warpers(input_ids, scores)
+        # not log_softmax, whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
+        self.last = scores.float() - torch.logsumexp(scores.float(), -1, keepdim=True)
+        return scores
+
+    def record(self, tokens):
+        self.logprobs.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+
+
 @torch.no_grad()
 def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
     """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
     temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
     probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
     fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
-    Returns each completion's token ids, up to and including its first stop token, and whether it stopped
-    (else it was cut at max_new_tokens)."""
+    Returns each completion's token ids, up to and including its first stop token; whether it stopped
+    (else it was cut at max_new_tokens); and when sampling, each token's log-prob under the distribution
+    it was drawn from (temperature and top-p applied), else None."""
     length = width or max(len(p) for p in prompts)
     device = generator.device
     ids = torch.full((len(prompts), length), pad_id, device=device)
@@ -384,18 +439,23 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     for b, p in enumerate(prompts):
         ids[b, length - len(p):] = torch.tensor(p, device=device)
         mask[b, length - len(p):] = 1
-    # top_k=0 explicitly: unset, generate() would keep only the 50 likeliest tokens
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
+    sampler = SamplerLogprobs(temperature, top_p) if temperature > 0 else None
+    # temperature 1, top_k 0 and top_p 1 explicitly: generate's own warpers stay out (unset, top_k would be 50)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampler else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                               use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, length:].tolist()
-    completions, ended = [], []
-    for tokens in out:
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
+    if sampler:
+        sampler.record(out[:, -1])
+        logprobs = torch.stack(sampler.logprobs, 1).tolist()
+    completions, ended, completion_logprobs = [], [], []
+    for b, tokens in enumerate(out.tolist()):
         end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
         completions.append(tokens[:end])
         ended.append(end is not None)
-    return completions, ended
+        completion_logprobs.append(logprobs[b][:end] if sampler else None)
+    return completions, ended, completion_logprobs if sampler else None
 
 
 if __name__ == "__main__":

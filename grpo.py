@@ -1,4 +1,4 @@
-"""GRPO, Dr. GRPO and DAPO: policy-gradient RL with verifiable rewards and no value model.
+"""GRPO, Dr. GRPO, DAPO, GSPO and CISPO: policy-gradient RL with verifiable rewards and no value model.
 
 Each step samples --num_generations completions per prompt from the current policy, scores each
 with the verifier named by its row's `dataset` (plus an optional format reward), and uses the
@@ -9,12 +9,17 @@ optional k3 KL penalty to the frozen starting policy (--beta). Token losses are 
 weights that implement each --loss_type's normalization over the whole global batch, so gradient
 accumulation and data parallelism give the same update. DAPO adds clip-higher (--epsilon_high),
 dynamic sampling (--filter_zero_std drops groups whose rewards are all equal) and its token-level
-normalization (--loss_type dapo). A rollout can be reused for --num_iterations optimizer steps,
-with the ratio taken against its log-probs at sampling time. Generation runs on each rank from a
-whole copy of the policy with a KV cache, refreshed from the FSDP shards before each rollout.
+normalization (--loss_type dapo); GSPO takes one ratio per completion (--importance_sampling_level
+sequence); CISPO clips the ratio as a weight on every token's gradient (--loss_type cispo). A rollout
+can be reused for --num_iterations optimizer steps, with the ratio taken against its log-probs at
+sampling time. Generation runs on each rank from a whole copy of the policy with a KV cache,
+refreshed from the FSDP shards before each rollout; the log-probs it drew each token with are kept,
+and the surrogate is corrected for the copy not being numerically the trained policy (--sampler_correction).
 
 References: Shao et al. 2024 (DeepSeekMath, GRPO); Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-
-Like Training"); Yu et al. 2025 (DAPO); Schulman 2020 (k3 KL estimator); Lambert et al. 2024 (Tulu 3 RLVR).
+Like Training"); Yu et al. 2025 (DAPO); Zheng et al. 2025 (GSPO); MiniMax 2025 (MiniMax-M1, CISPO); Yao et
+al. 2025 ("Your efficient RL framework secretly brings you off-policy RL training", TIS); Schulman 2020
+(k3 KL estimator); Lambert et al. 2024 (Tulu 3 RLVR).
 
     python sft.py && python grpo.py                # the built-in demo: SFT, then GRPO, CPU ok
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-1.5B \\
@@ -26,18 +31,23 @@ Read top to bottom: flags, the algorithm's math, the model wrapper, the rollout,
 loop). Below the banner, the plumbing every script shares, the same code in each (tests/fix_copies.py).
 """
 
+import ast
 import copy
+import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import socket
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -49,7 +59,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper)
 
 from nanopost import verifiers
 from nanopost.kernels import linear_logprobs
@@ -67,15 +78,20 @@ class Args:
     """sampling temperature; log-probs are recomputed at the same temperature"""
     top_p: float = 1.0
     """nucleus sampling; the trainer's log-probs are of the full temperature-scaled distribution, as in TRL"""
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "dapo"
     """grpo: mean over each completion's tokens, then over completions; dapo: sum over the global batch's
-    tokens / their number; dr_grpo: sum / (completions x max_completion_len)"""
+    tokens / their number; dr_grpo: sum / (completions x max_completion_len); cispo: CISPO's loss (the
+    clipped ratio weighs every token's policy gradient, none is dropped), normalized as dapo"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: a ratio per token (GRPO); sequence: one per completion, exp of the mean of its tokens'
+    log-ratios, clipped as one (GSPO; TRL's importance_sampling_level)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)"""
     epsilon: float = 0.2
     """lower clip of the ratio, >= 1 - epsilon (the GRPO and PPO papers' epsilon)"""
     epsilon_high: float | None = None
-    """upper clip of the ratio, <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); None: --epsilon"""
+    """upper clip of the ratio, <= 1 + epsilon_high (DAPO's clip-higher uses 0.28; cispo caps its weights at
+    1 + epsilon_high, which TRL calls epsilon_high itself); None: --epsilon"""
     beta: float = 0.0
     """weight of the k3 KL to the starting policy (0: no reference model is loaded)"""
     num_iterations: int = 1
@@ -88,6 +104,15 @@ class Args:
     """add the `format` verifier (<think>...</think>answer) as a second reward"""
     reward_weights: list[float] | None = None
     """weights of [verifier] or [verifier, format] rewards; None: all 1"""
+    sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "sequence_mask"
+    """the generation copy that samples is not numerically the trained policy (another dtype, kernels and
+    attention; top-p's truncation): multiply the surrogate by exp(trainer - sampler log-prob) of each token
+    (token_*) or of each completion (sequence_*: the product over its tokens), truncated at the cap
+    (*_truncate; token_truncate is TIS) or zeroed above it (*_mask); none: no correction (the mismatch is
+    logged under sampling/ either way). Default: TRL's"""
+    sampler_correction_cap: float = 3.0
+    """the cap of --sampler_correction (TRL's vllm_importance_sampling_clip_max)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode step
     compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
@@ -143,7 +168,9 @@ class Args:
     hsdp: bool = False
     """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
+    """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
+    save_total_limit: int | None = None
+    """keep the newest N step_N checkpoints, deleting older ones once a newer one is complete (None: keep all)"""
     resume: bool = False
     """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
     overwrite_output_dir: bool = False
@@ -185,29 +212,74 @@ def token_weights(n_loss_tokens, loss_type, n_sequences, n_tokens, max_completio
     n_loss_tokens = n_loss_tokens.double()
     if loss_type == "grpo":
         return 1.0 / (n_loss_tokens.clamp(min=1) * max(n_sequences, 1))
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return torch.full_like(n_loss_tokens, 1.0 / max(n_tokens, 1))
     return torch.full_like(n_loss_tokens, 1.0 / (max(n_sequences, 1) * max_completion_len))
 
 
-def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0):
+def completion_sums(x, lengths):
+    """The sum of x over each completion's tokens, repeated over them: x [n_tokens] holds the tokens of
+    consecutive completions, lengths [n] of them each."""
+    completion = torch.arange(len(lengths), device=x.device).repeat_interleave(lengths)
+    return torch.zeros(len(lengths), dtype=x.dtype, device=x.device).index_add(0, completion, x).repeat_interleave(
+        lengths)
+
+
+def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0,
+                      lengths=None, cispo=False, weights=None):
     """Per-token loss -min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3(pi || ref),
     with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0. All inputs are [n_tokens]. Also returns the
     k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above.
     The clipped tokens are picked by those explicit comparisons rather than by min() and clamp(),
     whose gradients at ties and bounds differ between torch releases: a token on the clip boundary
-    (every token when the ratio is 1 and epsilon 0) keeps the full policy gradient -A ratio."""
-    ratio = torch.exp(logp - old_logp)
-    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    (every token when the ratio is 1 and epsilon 0) keeps the full policy gradient -A ratio.
+    lengths (GSPO): the completions' token counts; the ratio is then one per completion, exp of the mean
+    of its tokens' log-ratios. cispo: -sg(min(ratio, 1 + eps_high)) A logp, the capped ratio weighing the
+    policy gradient of every token (high: where the cap bound with A > 0). weights: the sampler
+    correction, multiplying the surrogate (not the KL)."""
+    log_ratio = logp - old_logp
+    if lengths is not None:
+        log_ratio = completion_sums(log_ratio, lengths) / lengths.repeat_interleave(lengths)
+    ratio = torch.exp(log_ratio)
+    low = (ratio < 1 - epsilon_low) & (advantages < 0) & (not cispo)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    # where the clip binds, the objective is the constant clip(ratio) A: no gradient
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high).detach()
-    loss = -torch.where(low | high, clipped, ratio) * advantages
+    if cispo:
+        loss = -ratio.clamp(max=1 + epsilon_high).detach() * advantages * logp
+    else:  # where the clip binds, the objective is the constant clip(ratio) A: no gradient
+        loss = -torch.where(low | high, ratio.clamp(1 - epsilon_low, 1 + epsilon_high).detach(), ratio) * advantages
+    if weights is not None:
+        loss = loss * weights
     kl = None
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         loss = loss + beta * kl
     return loss, kl, low, high
+
+
+def sampler_weights(old_logp, sampler_logp, lengths, mode, cap):
+    """--sampler_correction's weights [n_tokens], as TRL computes them: the ratio exp(old_logp - sampler_logp)
+    of each token, or of each completion (the product over its tokens, repeated over them), truncated at
+    cap or set to 0 above it. old_logp: the trainer's log-probs of the rollout (before any update)."""
+    log_ratio = old_logp - sampler_logp
+    ratio = torch.exp(completion_sums(log_ratio, lengths) if mode.startswith("sequence") else log_ratio)
+    return ratio.clamp(max=cap) if mode.endswith("truncate") else torch.where(ratio > cap, 0.0, ratio)
+
+
+def mismatch_stats(old_logp, sampler_logp, weights, lengths, sequence_level):
+    """The sampler-trainer mismatch of a micro-batch, which sums and maxima over all ranks turn into TRL's
+    sampling/* metrics: [sum |old - sampler|, tokens, sum of the weights (without a correction: of the raw
+    ratios), how many] and [max |old - sampler|, max weight, -min weight]; in the sequence modes the
+    weights are counted per completion, else per token."""
+    if weights is None:
+        weights = torch.exp(old_logp - sampler_logp)
+    elif sequence_level:
+        weights = weights[(lengths.cumsum(0) - lengths)[lengths > 0]]  # each completion's first token
+    difference, weights = (old_logp - sampler_logp).abs().double(), weights.double()
+    sums = torch.stack([difference.sum(), difference.new_tensor(len(difference)), weights.sum(),
+                        weights.new_tensor(len(weights))])
+    if not len(difference):  # a micro-batch without loss tokens (FSDP's filler)
+        return sums, difference.new_full((3,), -math.inf)
+    return sums, torch.stack([difference.max(), weights.max(), -weights.min()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +319,9 @@ def make_rollout(args, run, index, model, reference, generator, train, tokenizer
     indices = global_batch(index, len(train), prompts_per_rank * run.world, args.seed)
     rows = [train[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
     prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
-    completions, ended = sample(generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
-                                args.top_p,
-                                args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
+    completions, ended, sampler_logps = sample(
+        generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature, args.top_p,
+        args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
     t_generation = time.perf_counter() - t0
 
     # scores of every completion of the global batch: [correct, format, length, truncated]
@@ -294,7 +366,10 @@ def make_rollout(args, run, index, model, reference, generator, train, tokenizer
         lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
         rows_of = torch.tensor(chunk, dtype=torch.long) + offset
         micro_batches.append({"batch": batch, "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
-                              "weights": weights[rows_of].repeat_interleave(lengths)})
+                              "weights": weights[rows_of].repeat_interleave(lengths), "lengths": lengths,
+                              # the log-probs the generation copy drew these tokens with
+                              "sampler_logp": torch.tensor([x for j in chunk if has_loss[offset + j]
+                                                            for x in sampler_logps[j]])})
     with torch.no_grad():
         for mb in micro_batches:
             batch = to_device(mb["batch"], run.device)
@@ -375,30 +450,43 @@ def main(args):
     if evals and args.eval_every and start_step == 0:
         run.log(evaluate(), 0)
     step = evaluated = start_step
+    stuck = {}  # how many logged steps in a row each no-signal condition held
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         if (step - 1) % args.num_iterations == 0:
             rollout = make_rollout(args, run, (step - 1) // args.num_iterations, model, reference, generator, train,
                                    tokenizer, pad_id, eot_id)
         t_train = time.perf_counter()
-        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens
+        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens; the mismatch
         sums = torch.zeros(7, dtype=torch.float64, device=run.device)
+        mismatch = torch.zeros(4, dtype=torch.float64, device=run.device)
+        extremes = torch.full((3,), -math.inf, dtype=torch.float64, device=run.device)
         for mb in rollout["micro_batches"]:
             logp, entropy = model(**to_device(mb["batch"], run.device), temperature=args.temperature,
                                   with_entropy=True)
             # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
             old_logp = mb["old_logp"].to(run.device) if "old_logp" in mb else logp.detach()
             ref_logp = mb["ref_logp"].to(run.device) if "ref_logp" in mb else None
-            loss, kl, low, high = clipped_surrogate(logp, old_logp, mb["advantages"].to(run.device), args.epsilon,
-                                                    epsilon_high, ref_logp, args.beta)
+            lengths, sampler_logp = mb["lengths"].to(run.device), mb["sampler_logp"].to(run.device)
+            correction = None if args.sampler_correction == "none" else sampler_weights(
+                old_logp, sampler_logp, lengths, args.sampler_correction, args.sampler_correction_cap)
+            loss, kl, low, high = clipped_surrogate(
+                logp, old_logp, mb["advantages"].to(run.device), args.epsilon, epsilon_high, ref_logp, args.beta,
+                lengths if args.importance_sampling_level == "sequence" else None, args.loss_type == "cispo",
+                correction)
             weighted = (loss.double() * mb["weights"].to(run.device)).sum()
             # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
             (weighted * run.world).backward()
             sums += torch.stack([weighted.detach(), kl.detach().sum() if kl is not None else torch.zeros_like(weighted),
                                  entropy.detach().sum(), low.sum(), high.sum(), (low | high).sum(),
                                  torch.tensor(logp.numel(), device=run.device)]).double()
+            mb_sums, mb_extremes = mismatch_stats(old_logp, sampler_logp, correction, lengths,
+                                                  args.sampler_correction.startswith("sequence"))
+            mismatch, extremes = mismatch + mb_sums, torch.maximum(extremes, mb_extremes)
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         dist.all_reduce(sums)
+        dist.all_reduce(mismatch)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         if run.log_due(step):
             now, n_tokens = time.perf_counter(), max(sums[6].item(), 1)
             metrics = {"loss": sums[0].item(), "grad_norm": grad_norm, "learning_rate": lr, **rollout["metrics"],
@@ -409,6 +497,19 @@ def main(args):
                        **throughput(run, model, rollout["n_tokens"], max(rollout["n_sequences"], 1), now - t_train)}
             if args.beta > 0:
                 metrics["kl"] = sums[1].item() / n_tokens
+            if mismatch[1] > 0:  # the sampler's log-probs against the trainer's, as TRL names them
+                metrics |= {"sampling/sampling_logp_difference/mean": (mismatch[0] / mismatch[1]).item(),
+                            "sampling/sampling_logp_difference/max": extremes[0].item(),
+                            "sampling/importance_sampling_ratio/min": -extremes[2].item(),
+                            "sampling/importance_sampling_ratio/mean": (mismatch[2] / mismatch[3]).item(),
+                            "sampling/importance_sampling_ratio/max": extremes[1].item()}
+            warn_without_signal(run, stuck, {
+                f"every completion of the last {PATIENCE} steps was cut at --max_completion_len "
+                f"{args.max_completion_len} before its end-of-turn token: raise it, or train the model to end its "
+                "answers first (SFT)": metrics["completions/clipped_ratio"] == 1,
+                f"no group's rewards varied in the last {PATIENCE} steps, so every advantage and the gradient are "
+                "0: raise --temperature or --num_generations, or use prompts the model sometimes solves":
+                    metrics["frac_reward_zero_std"] == 1})
             if evals and every(args.eval_every, step):
                 metrics |= evaluate()
                 evaluated = step
@@ -454,7 +555,7 @@ def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages
     for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", *at_least_one):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_tokens_per_micro_batch"):
+    for name in ("max_steps", "max_tokens_per_micro_batch", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_every", "eval_every"):
@@ -505,6 +606,7 @@ class Run:
         else:
             self.device = torch.device("cpu")
             dist.init_process_group("gloo")
+            cpu_threads()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = fsdp_mesh(args.hsdp, self.device)
         self.compute_dtype = torch.bfloat16 if args.precision == "bf16" or (
@@ -555,7 +657,7 @@ class Run:
             prepare_output_dir(self.args.output_dir, start_step if self.args.resume else None)
             if self.args.track:
                 import wandb
-                wandb.init(project=self.args.wandb_project, config=asdict(self.args),
+                wandb.init(project=self.args.wandb_project, config=asdict(self.args), dir=self.args.output_dir,
                            name=self.args.run_name or os.path.basename(self.args.output_dir.rstrip("/")))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=self.rank != 0, desc=self.name)
         return start_step, rollout
@@ -585,18 +687,18 @@ class Run:
         steps, and when SIGTERM or Ctrl-C reached any rank, then the run saves and stops (rollout: what the
         next steps reuse, saved with it)."""
         self.bar.update(steps)
-        stop = torch.tensor(float(bool(self.signals)), device=self.device)
+        stop = torch.tensor(max([signal.Signals[name].value for name in self.signals], default=0), device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if every(self.args.save_every, step, steps) or stop.item():
             save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers, step,
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
-                            self.rank, rollout)
+                            self.rank, rollout, self.args.save_total_limit)
         if stop.item():
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
-                      "exiting (--resume continues from it)")
+                      "exiting (--resume continues from it)", flush=True)
             dist.destroy_process_group()
-            sys.exit(0)
+            sys.exit(128 + int(stop.item()))  # the shell's convention for a run ended by a signal
 
     def finish(self, model, tokenizer, eot_id):
         """Saves the trained model as a Hugging Face checkpoint in output_dir/final and leaves the job."""
@@ -809,7 +911,8 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
         return None
     config = config or AutoConfig.from_pretrained(name)
     if not has_weights(name):
-        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        if not run.args.resume:  # a resumed run's weights come from its checkpoint
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         return auto_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
@@ -951,9 +1054,9 @@ def latest_checkpoint(output_dir):
 
 
 def earlier_run(output_dir):
-    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp), wandb/."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+    return sorted(n for n in names if n in ("metrics.jsonl", "wandb") or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
 
 
 def prepare_output_dir(output_dir, resumed_step):
@@ -978,10 +1081,11 @@ def prepare_output_dir(output_dir, resumed_step):
         os.replace(metrics + ".tmp", metrics)
 
 
-def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
+def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, keep=None):
     """Every model and optimizer sharded via torch.distributed.checkpoint; the step, the schedulers and
     `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
-    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N."""
+    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N; then all but the
+    newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -999,6 +1103,13 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        output_dir = os.path.dirname(path)
+        steps = sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d)))
+        for old in steps[:-keep] if keep else []:
+            old = os.path.join(output_dir, f"step_{old}")
+            shutil.rmtree(old + ".tmp", ignore_errors=True)
+            os.replace(old, old + ".tmp")
+            shutil.rmtree(old + ".tmp")
     dist.barrier()
 
 
@@ -1021,20 +1132,48 @@ def load_checkpoint(path, models, schedulers, match, rank):
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         return state["step"], None
-    saved = torch.load(rank_file, weights_only=False)
+    try:  # tensors and plain containers only: unpickling anything else could run code
+        saved = torch.load(rank_file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{rank_file} holds more than tensors and plain containers, which --resume does not "
+                         f"unpickle (it could run code): {str(error).splitlines()[0]}") from None
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     return state["step"], saved["rollout"]
 
 
+def cpu_threads():
+    """On CPU, unless OMP_NUM_THREADS says otherwise, this process's threads: one core fewer than the
+    machine's, shared by the node's ranks. With a thread on every core, another busy process slows every
+    step several-fold (each parallel region waits for its slowest thread)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def prose_help(args_class):
+    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
+    helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+             if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    return dataclasses.make_dataclass(args_class.__name__, [
+        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(args_class)])
+
+
 def launch(main, args_class):
-    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
+    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
+    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
+    it prints last, names it."""
     try:
-        main(tyro.cli(args_class, use_underscores=True))
+        main(tyro.cli(prose_help(args_class), use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": f"error: {error}", "timestamp": int(time.time())}, f)
         sys.exit(1)
 
 
@@ -1101,14 +1240,37 @@ def static_cache(generation_cache, device):
     return generation_cache == "static" or (generation_cache == "auto" and device.type == "cuda")
 
 
+class SamplerLogprobs(LogitsProcessor):
+    """generate's logits processor when sampling: it applies the temperature, then top-p, as generate's own
+    warpers would (those are left out), and records the log-prob of each sampled token under that final
+    distribution, the one it was drawn from. One step at a time: [batch, vocab] is held for one step."""
+
+    def __init__(self, temperature, top_p):
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] * (temperature != 1.0) +
+                                           [TopPLogitsWarper(top_p)] * (top_p < 1.0))
+        self.logprobs, self.last = [], None
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:  # the token drawn at the previous step is the last input now
+            self.record(input_ids[:, -1])
+        scores = self.warpers(input_ids, scores)
+        # not log_softmax, whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
+        self.last = scores.float() - torch.logsumexp(scores.float(), -1, keepdim=True)
+        return scores
+
+    def record(self, tokens):
+        self.logprobs.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+
+
 @torch.no_grad()
 def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
     """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
     temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
     probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
     fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
-    Returns each completion's token ids, up to and including its first stop token, and whether it stopped
-    (else it was cut at max_new_tokens)."""
+    Returns each completion's token ids, up to and including its first stop token; whether it stopped
+    (else it was cut at max_new_tokens); and when sampling, each token's log-prob under the distribution
+    it was drawn from (temperature and top-p applied), else None."""
     length = width or max(len(p) for p in prompts)
     device = generator.device
     ids = torch.full((len(prompts), length), pad_id, device=device)
@@ -1116,18 +1278,23 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     for b, p in enumerate(prompts):
         ids[b, length - len(p):] = torch.tensor(p, device=device)
         mask[b, length - len(p):] = 1
-    # top_k=0 explicitly: unset, generate() would keep only the 50 likeliest tokens
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
+    sampler = SamplerLogprobs(temperature, top_p) if temperature > 0 else None
+    # temperature 1, top_k 0 and top_p 1 explicitly: generate's own warpers stay out (unset, top_k would be 50)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampler else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                               use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, length:].tolist()
-    completions, ended = [], []
-    for tokens in out:
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
+    if sampler:
+        sampler.record(out[:, -1])
+        logprobs = torch.stack(sampler.logprobs, 1).tolist()
+    completions, ended, completion_logprobs = [], [], []
+    for b, tokens in enumerate(out.tolist()):
         end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
         completions.append(tokens[:end])
         ended.append(end is not None)
-    return completions, ended
+        completion_logprobs.append(logprobs[b][:end] if sampler else None)
+    return completions, ended, completion_logprobs if sampler else None
 
 
 def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch_size):
@@ -1137,14 +1304,27 @@ def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch
     width = args.max_prompt_len if static_cache(args.generation_cache, run.device) else None
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        completions, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id], args.max_completion_len,
-                                width=width)
+        completions, _, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id],
+                                   args.max_completion_len, width=width)
         for row, completion in zip(chunk, completions):
             text = tokenizer.decode(completion, skip_special_tokens=True)
             score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
         score[1] += len(chunk)
     dist.all_reduce(score)
     return (score[0] / score[1]).item()
+
+
+# logged steps in a row without a learning signal after which a run says so
+PATIENCE = 3
+
+
+def warn_without_signal(run, streaks, conditions):
+    """Rank 0 warns once a condition under which a run cannot learn has held for PATIENCE logged steps in a
+    row. conditions: {what to say: whether it held at this step}; streaks: {what to say: for how long}."""
+    for message, held in conditions.items():
+        streaks[message] = streaks.get(message, 0) + 1 if held else 0
+        if streaks[message] == PATIENCE and run.rank == 0:
+            tqdm.write(f"WARNING: {run.name} is not learning: {message}")
 
 
 if __name__ == "__main__":

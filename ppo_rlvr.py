@@ -27,10 +27,12 @@ and TRL / open-instruct that are implemented here:
     per model, linear learning-rate decay over all optimizer steps;
   - losses are sums over tokens divided by the number of valid tokens of the whole minibatch (all
     micro-batches, all ranks), so gradient accumulation and data parallelism give the same update.
+  - the generation copy that samples keeps the log-prob it drew each token with, and the policy loss
+    is corrected for it not being numerically the trained policy (--sampler_correction, as TRL).
 
 References: Schulman et al. 2017 (PPO); Schulman et al. 2016 (GAE); Ouyang et al. 2022
 (InstructGPT); Huang et al. 2024 (The N Implementation Details of RLHF with PPO); Lambert et al.
-2024 (Tulu 3, RLVR).
+2024 (Tulu 3, RLVR); Yao et al. 2025 (truncated importance sampling).
 
     python ppo_rlvr.py --model runs/sft/final      # the built-in demo: tiny model, data/, CPU ok
     torchrun --nproc_per_node 8 ppo_rlvr.py --model <dpo checkpoint> \\
@@ -43,18 +45,23 @@ Read top to bottom: flags, PPO's math, the policy and value wrappers, the rollou
 loop). Below the banner, the plumbing every script shares, the same code in each (tests/fix_copies.py).
 """
 
+import ast
 import copy
+import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import socket
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -67,7 +74,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, GenerationConfig)
+                          AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.utils import logging as transformers_logging
 
 from nanopost import verifiers
@@ -111,6 +119,15 @@ class Args:
     """clip of the value prediction to the rollout's value +- this (TRL's cliprange_value)"""
     vf_coef: float = 0.1
     """value loss weight"""
+    sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        "sequence_mask"
+    """the generation copy that samples is not numerically the trained policy (another dtype, kernels and
+    attention): multiply the policy loss by exp(trainer - sampler log-prob) of each token (token_*) or of each
+    completion (sequence_*: the product over its tokens), truncated at the cap (*_truncate; token_truncate is
+    TIS) or zeroed above it (*_mask); none: no correction (the mismatch is logged under sampling/ either
+    way). Default: TRL's"""
+    sampler_correction_cap: float = 3.0
+    """the cap of --sampler_correction (TRL's vllm_importance_sampling_clip_max)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode step
     compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
@@ -167,7 +184,9 @@ class Args:
     hsdp: bool = False
     """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
+    """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
+    save_total_limit: int | None = None
+    """keep the newest N step_N checkpoints, deleting older ones once a newer one is complete (None: keep all)"""
     resume: bool = False
     """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
     overwrite_output_dir: bool = False
@@ -235,18 +254,22 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
-def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_tokens, epsilon, epsilon_value, vf_coef):
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_tokens, epsilon, epsilon_value, vf_coef,
+             weights=None):
     """Clipped policy loss + vf_coef x clipped value loss, summed over the valid tokens and divided
     by n_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
     token sums of the statistics TRL logs. Where each clip binds is decided by explicit comparisons
     rather than by max() and clamp(), whose gradients at ties and bounds differ between torch
-    releases: a ratio or value on the clip boundary keeps its full, unclipped gradient."""
+    releases: a ratio or value on the clip boundary keeps its full, unclipped gradient.
+    weights: the sampler correction, multiplying the policy loss of each token."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     # the policy clip binds where it lowers the objective: A > 0 above 1 + epsilon, A < 0 below 1 - epsilon;
     # there the loss is the constant -A clip(ratio), with no gradient
     pg_clipped = ((advantages > 0) & (ratio > 1 + epsilon)) | ((advantages < 0) & (ratio < 1 - epsilon))
     pg_losses = -advantages * torch.where(pg_clipped, ratio.clamp(1 - epsilon, 1 + epsilon).detach(), ratio)
+    if weights is not None:
+        pg_losses = pg_losses * weights
     # the value clip binds where the clipped prediction's error is the larger one (the prediction left
     # the range around the rollout's value); there the loss is constant too
     values_clipped = old_values + (values - old_values).clamp(-epsilon_value, epsilon_value)
@@ -258,6 +281,16 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_to
         stats = torch.stack([pg_losses, vf_losses, pg_clipped.float(), vf_binds.float(), 0.5 * log_ratio ** 2, ratio])
         stats = (stats * mask).flatten(1).sum(1).double()
     return loss, stats  # stats: policy loss, value loss, policy clipped, value clipped, approx kl, ratio
+
+
+def sampler_weights(old_logp, sampler_logp, mask, mode, cap):
+    """--sampler_correction's weights [B, T], as TRL computes them: the ratio exp(old_logp - sampler_logp) of
+    each token, or of each completion (the product over its tokens, repeated over them), truncated at cap or
+    set to 0 above it. old_logp: the trainer's log-probs of the rollout."""
+    log_ratio = (old_logp - sampler_logp) * mask
+    ratio = torch.exp(log_ratio.sum(1, keepdim=True) if mode.startswith("sequence") else log_ratio)
+    weights = ratio.clamp(max=cap) if mode.endswith("truncate") else torch.where(ratio > cap, 0.0, ratio)
+    return weights.expand_as(mask) * mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +358,8 @@ def load_value_model(name, run):
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
             torch.nn.init.zeros_(seqcls.score.bias)
-    print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own score head"))
+    if not run.args.resume:  # a resumed run's value model comes from its checkpoint
+        print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
     return seqcls
 
 
@@ -368,12 +402,15 @@ def make_rollout(args, run, index, policy, reference, value_model, generator, tr
     indices = global_batch(index, len(train), local_batch * run.world, args.seed)
     rows = [train[i] for i in indices[run.rank * local_batch:(run.rank + 1) * local_batch]]
     prompts = [r["prompt_ids"] for r in rows]
-    completions, ended = sample(generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
-                                width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
+    completions, ended, sampler_logps = sample(
+        generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
+        width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
     t_generation = time.perf_counter() - t0
     mask = torch.zeros(len(rows), max(map(len, completions)), dtype=torch.bool, device=run.device)
+    sampler_logp = torch.zeros(mask.shape, device=run.device)  # the log-probs the generation copy drew with
     for b, completion in enumerate(completions):
         mask[b, :len(completion)] = True
+        sampler_logp[b, :len(completion)] = torch.tensor(sampler_logps[b])
     ended = torch.tensor(ended, device=run.device)
     correct = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(c, skip_special_tokens=True),
                                                          r["ground_truth"]) for r, c in zip(rows, completions)],
@@ -403,11 +440,21 @@ def make_rollout(args, run, index, policy, reference, value_model, generator, tr
         rewards = masked_whiten(rewards, maskf, shift_mean=False, distributed=True)
     advantages, returns = gae(rewards, old_values, maskf, args.gamma, args.lam)
     advantages = masked_whiten(advantages, maskf, distributed=True)
+    correction = None if args.sampler_correction == "none" else sampler_weights(
+        old_logp, sampler_logp, maskf, args.sampler_correction, args.sampler_correction_cap)
+    # the mismatch, as TRL's sampling/* metrics: |old - sampler| per token; the weights (without a correction,
+    # the raw ratios) per token, or per completion in the sequence modes
+    difference = (old_logp - sampler_logp).abs()[mask]
+    weights = torch.exp(old_logp - sampler_logp)[mask] if correction is None else \
+        correction[:, 0] if args.sampler_correction.startswith("sequence") else correction[mask]
     sums = torch.stack([kl.sum(), -(old_logp * maskf).sum(), non_score.sum(), scores.sum(), correct.sum(),
                         ended.sum(), maskf.sum(), (entropy * maskf).sum(),
-                        torch.tensor(sum(len(s[0]) for s in sequences), device=run.device)]).double()
+                        torch.tensor(sum(len(s[0]) for s in sequences), device=run.device), difference.sum(),
+                        weights.sum(), torch.tensor(len(weights), device=run.device)]).double()
+    extremes = torch.stack([difference.max(), weights.max(), -weights.min(), scores.max(), -scores.min()]).double()
     return {"sequences": sequences, "mask": mask, "old_logp": old_logp, "old_values": old_values,
-            "advantages": advantages, "returns": returns, "sums": sums, "t_generation": t_generation}
+            "advantages": advantages, "returns": returns, "correction": correction, "sums": sums,
+            "extremes": extremes, "t_generation": t_generation}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +513,7 @@ def main(args):
     if evals and args.eval_every and start_step == 0:
         run.log(evaluate(), 0)
     step = evaluated = start_step
+    stuck = {}  # how many logged rollouts in a row each no-signal condition held
     minibatch = args.per_device_batch_size * args.grad_accum_steps
     for index in range(start_step // updates, total_steps // updates):
         t0 = time.perf_counter()
@@ -490,7 +538,8 @@ def main(args):
                     loss, mb_stats = ppo_loss(logp, cut(r["old_logp"]), cut(r["advantages"]), values,
                                               cut(r["old_values"]), cut(r["returns"]),
                                               batch["completion_mask"].float(), n_tokens, args.epsilon,
-                                              args.epsilon_value, args.vf_coef)
+                                              args.epsilon_value, args.vf_coef,
+                                              cut(r["correction"]) if r["correction"] is not None else None)
                     # FSDP averages gradients over ranks; scaling by world makes them a global-minibatch sum
                     (loss * run.world).backward()
                     stats += mb_stats
@@ -500,11 +549,14 @@ def main(args):
         step = (index + 1) * updates
 
         # metrics: sums over all ranks, then TRL's averages
-        totals = torch.cat([stats, grad_norms, r["sums"]])
+        totals, extremes = torch.cat([stats, grad_norms, r["sums"]]), r["extremes"]
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         if run.log_due(step, updates):
             (pg, vf, pg_clip, vf_clip, approxkl, ratio, policy_norm, value_norm, kl_sum, neg_logp, non_score_sum,
-             score_sum, correct_sum, ended_sum, n_valid, entropy_sum, n_tokens) = totals.tolist()
+             score_sum, correct_sum, ended_sum, n_valid, entropy_sum, n_tokens, difference_sum, weight_sum,
+             n_weights) = totals.tolist()
+            max_difference, max_weight, min_weight, max_score, min_score = extremes.tolist()
             seen, now = n_valid * args.num_ppo_epochs, time.perf_counter()
             metrics = {
                 "objective/kl": kl_sum / batch_size, "objective/entropy": neg_logp / batch_size,
@@ -521,7 +573,19 @@ def main(args):
                 "perf/rollout_tokens_per_second": n_valid / r["t_generation"],
                 "perf/time_training": now - t_train, "perf/time_step": now - t0,
                 **throughput(run, policy, n_tokens * args.num_ppo_epochs, batch_size * args.num_ppo_epochs,
-                             now - t_train)}
+                             now - t_train),
+                # the sampler's log-probs against the trainer's, as TRL names them
+                "sampling/sampling_logp_difference/mean": difference_sum / n_valid,
+                "sampling/sampling_logp_difference/max": max_difference,
+                "sampling/importance_sampling_ratio/min": -min_weight,
+                "sampling/importance_sampling_ratio/mean": weight_sum / n_weights,
+                "sampling/importance_sampling_ratio/max": max_weight}
+            warn_without_signal(run, stuck, {
+                f"every completion of the last {PATIENCE} rollouts was cut at --max_completion_len "
+                f"{args.max_completion_len} before its end-of-turn token: raise it, or train the model to end its "
+                "answers first (SFT)": ended_sum == 0,
+                f"every completion of the last {PATIENCE} rollouts had the same score ({max_score:g}): raise "
+                "--temperature, or use prompts the model sometimes solves": max_score == -min_score})
             if evals and every(args.eval_every, step, updates):
                 metrics |= evaluate()
                 evaluated = step
@@ -567,7 +631,7 @@ def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages
     for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", *at_least_one):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_tokens_per_micro_batch"):
+    for name in ("max_steps", "max_tokens_per_micro_batch", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_every", "eval_every"):
@@ -618,6 +682,7 @@ class Run:
         else:
             self.device = torch.device("cpu")
             dist.init_process_group("gloo")
+            cpu_threads()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = fsdp_mesh(args.hsdp, self.device)
         self.compute_dtype = torch.bfloat16 if args.precision == "bf16" or (
@@ -668,7 +733,7 @@ class Run:
             prepare_output_dir(self.args.output_dir, start_step if self.args.resume else None)
             if self.args.track:
                 import wandb
-                wandb.init(project=self.args.wandb_project, config=asdict(self.args),
+                wandb.init(project=self.args.wandb_project, config=asdict(self.args), dir=self.args.output_dir,
                            name=self.args.run_name or os.path.basename(self.args.output_dir.rstrip("/")))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=self.rank != 0, desc=self.name)
         return start_step, rollout
@@ -698,18 +763,18 @@ class Run:
         steps, and when SIGTERM or Ctrl-C reached any rank, then the run saves and stops (rollout: what the
         next steps reuse, saved with it)."""
         self.bar.update(steps)
-        stop = torch.tensor(float(bool(self.signals)), device=self.device)
+        stop = torch.tensor(max([signal.Signals[name].value for name in self.signals], default=0), device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if every(self.args.save_every, step, steps) or stop.item():
             save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers, step,
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
-                            self.rank, rollout)
+                            self.rank, rollout, self.args.save_total_limit)
         if stop.item():
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
-                      "exiting (--resume continues from it)")
+                      "exiting (--resume continues from it)", flush=True)
             dist.destroy_process_group()
-            sys.exit(0)
+            sys.exit(128 + int(stop.item()))  # the shell's convention for a run ended by a signal
 
     def finish(self, model, tokenizer, eot_id):
         """Saves the trained model as a Hugging Face checkpoint in output_dir/final and leaves the job."""
@@ -922,7 +987,8 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
         return None
     config = config or AutoConfig.from_pretrained(name)
     if not has_weights(name):
-        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        if not run.args.resume:  # a resumed run's weights come from its checkpoint
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         return auto_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
@@ -1064,9 +1130,9 @@ def latest_checkpoint(output_dir):
 
 
 def earlier_run(output_dir):
-    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp), wandb/."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+    return sorted(n for n in names if n in ("metrics.jsonl", "wandb") or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
 
 
 def prepare_output_dir(output_dir, resumed_step):
@@ -1091,10 +1157,11 @@ def prepare_output_dir(output_dir, resumed_step):
         os.replace(metrics + ".tmp", metrics)
 
 
-def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
+def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, keep=None):
     """Every model and optimizer sharded via torch.distributed.checkpoint; the step, the schedulers and
     `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
-    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N."""
+    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N; then all but the
+    newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1112,6 +1179,13 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        output_dir = os.path.dirname(path)
+        steps = sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d)))
+        for old in steps[:-keep] if keep else []:
+            old = os.path.join(output_dir, f"step_{old}")
+            shutil.rmtree(old + ".tmp", ignore_errors=True)
+            os.replace(old, old + ".tmp")
+            shutil.rmtree(old + ".tmp")
     dist.barrier()
 
 
@@ -1134,20 +1208,48 @@ def load_checkpoint(path, models, schedulers, match, rank):
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         return state["step"], None
-    saved = torch.load(rank_file, weights_only=False)
+    try:  # tensors and plain containers only: unpickling anything else could run code
+        saved = torch.load(rank_file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{rank_file} holds more than tensors and plain containers, which --resume does not "
+                         f"unpickle (it could run code): {str(error).splitlines()[0]}") from None
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     return state["step"], saved["rollout"]
 
 
+def cpu_threads():
+    """On CPU, unless OMP_NUM_THREADS says otherwise, this process's threads: one core fewer than the
+    machine's, shared by the node's ranks. With a thread on every core, another busy process slows every
+    step several-fold (each parallel region waits for its slowest thread)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def prose_help(args_class):
+    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
+    helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+             if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    return dataclasses.make_dataclass(args_class.__name__, [
+        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(args_class)])
+
+
 def launch(main, args_class):
-    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
+    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
+    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
+    it prints last, names it."""
     try:
-        main(tyro.cli(args_class, use_underscores=True))
+        main(tyro.cli(prose_help(args_class), use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": f"error: {error}", "timestamp": int(time.time())}, f)
         sys.exit(1)
 
 
@@ -1214,14 +1316,37 @@ def static_cache(generation_cache, device):
     return generation_cache == "static" or (generation_cache == "auto" and device.type == "cuda")
 
 
+class SamplerLogprobs(LogitsProcessor):
+    """generate's logits processor when sampling: it applies the temperature, then top-p, as generate's own
+    warpers would (those are left out), and records the log-prob of each sampled token under that final
+    distribution, the one it was drawn from. One step at a time: [batch, vocab] is held for one step."""
+
+    def __init__(self, temperature, top_p):
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] * (temperature != 1.0) +
+                                           [TopPLogitsWarper(top_p)] * (top_p < 1.0))
+        self.logprobs, self.last = [], None
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:  # the token drawn at the previous step is the last input now
+            self.record(input_ids[:, -1])
+        scores = self.warpers(input_ids, scores)
+        # not log_softmax, whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
+        self.last = scores.float() - torch.logsumexp(scores.float(), -1, keepdim=True)
+        return scores
+
+    def record(self, tokens):
+        self.logprobs.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+
+
 @torch.no_grad()
 def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
     """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
     temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
     probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
     fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
-    Returns each completion's token ids, up to and including its first stop token, and whether it stopped
-    (else it was cut at max_new_tokens)."""
+    Returns each completion's token ids, up to and including its first stop token; whether it stopped
+    (else it was cut at max_new_tokens); and when sampling, each token's log-prob under the distribution
+    it was drawn from (temperature and top-p applied), else None."""
     length = width or max(len(p) for p in prompts)
     device = generator.device
     ids = torch.full((len(prompts), length), pad_id, device=device)
@@ -1229,18 +1354,23 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     for b, p in enumerate(prompts):
         ids[b, length - len(p):] = torch.tensor(p, device=device)
         mask[b, length - len(p):] = 1
-    # top_k=0 explicitly: unset, generate() would keep only the 50 likeliest tokens
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
+    sampler = SamplerLogprobs(temperature, top_p) if temperature > 0 else None
+    # temperature 1, top_k 0 and top_p 1 explicitly: generate's own warpers stay out (unset, top_k would be 50)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampler else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                               use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, length:].tolist()
-    completions, ended = [], []
-    for tokens in out:
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
+    if sampler:
+        sampler.record(out[:, -1])
+        logprobs = torch.stack(sampler.logprobs, 1).tolist()
+    completions, ended, completion_logprobs = [], [], []
+    for b, tokens in enumerate(out.tolist()):
         end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
         completions.append(tokens[:end])
         ended.append(end is not None)
-    return completions, ended
+        completion_logprobs.append(logprobs[b][:end] if sampler else None)
+    return completions, ended, completion_logprobs if sampler else None
 
 
 def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch_size):
@@ -1250,14 +1380,27 @@ def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch
     width = args.max_prompt_len if static_cache(args.generation_cache, run.device) else None
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        completions, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id], args.max_completion_len,
-                                width=width)
+        completions, _, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id],
+                                   args.max_completion_len, width=width)
         for row, completion in zip(chunk, completions):
             text = tokenizer.decode(completion, skip_special_tokens=True)
             score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
         score[1] += len(chunk)
     dist.all_reduce(score)
     return (score[0] / score[1]).item()
+
+
+# logged steps in a row without a learning signal after which a run says so
+PATIENCE = 3
+
+
+def warn_without_signal(run, streaks, conditions):
+    """Rank 0 warns once a condition under which a run cannot learn has held for PATIENCE logged steps in a
+    row. conditions: {what to say: whether it held at this step}; streaks: {what to say: for how long}."""
+    for message, held in conditions.items():
+        streaks[message] = streaks.get(message, 0) + 1 if held else 0
+        if streaks[message] == PATIENCE and run.rank == 0:
+            tqdm.write(f"WARNING: {run.name} is not learning: {message}")
 
 
 if __name__ == "__main__":

@@ -21,17 +21,22 @@ Read top to bottom: flags, data, model wrapper, main (the training loop). Below 
 plumbing every script shares, the same code in each (tests/fix_copies.py).
 """
 
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import socket
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -101,7 +106,9 @@ class Args:
     hsdp: bool = False
     """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
     save_every: int = 0
-    """save a resumable checkpoint every N steps (0: only on SIGTERM or Ctrl-C)"""
+    """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
+    save_total_limit: int | None = None
+    """keep the newest N step_N checkpoints, deleting older ones once a newer one is complete (None: keep all)"""
     resume: bool = False
     """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
     overwrite_output_dir: bool = False
@@ -309,7 +316,7 @@ def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages
     for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", *at_least_one):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_tokens_per_micro_batch"):
+    for name in ("max_steps", "max_tokens_per_micro_batch", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_every", "eval_every"):
@@ -360,6 +367,7 @@ class Run:
         else:
             self.device = torch.device("cpu")
             dist.init_process_group("gloo")
+            cpu_threads()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = fsdp_mesh(args.hsdp, self.device)
         self.compute_dtype = torch.bfloat16 if args.precision == "bf16" or (
@@ -410,7 +418,7 @@ class Run:
             prepare_output_dir(self.args.output_dir, start_step if self.args.resume else None)
             if self.args.track:
                 import wandb
-                wandb.init(project=self.args.wandb_project, config=asdict(self.args),
+                wandb.init(project=self.args.wandb_project, config=asdict(self.args), dir=self.args.output_dir,
                            name=self.args.run_name or os.path.basename(self.args.output_dir.rstrip("/")))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=self.rank != 0, desc=self.name)
         return start_step, rollout
@@ -440,18 +448,18 @@ class Run:
         steps, and when SIGTERM or Ctrl-C reached any rank, then the run saves and stops (rollout: what the
         next steps reuse, saved with it)."""
         self.bar.update(steps)
-        stop = torch.tensor(float(bool(self.signals)), device=self.device)
+        stop = torch.tensor(max([signal.Signals[name].value for name in self.signals], default=0), device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if every(self.args.save_every, step, steps) or stop.item():
             save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers, step,
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
-                            self.rank, rollout)
+                            self.rank, rollout, self.args.save_total_limit)
         if stop.item():
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
-                      "exiting (--resume continues from it)")
+                      "exiting (--resume continues from it)", flush=True)
             dist.destroy_process_group()
-            sys.exit(0)
+            sys.exit(128 + int(stop.item()))  # the shell's convention for a run ended by a signal
 
     def finish(self, model, tokenizer, eot_id):
         """Saves the trained model as a Hugging Face checkpoint in output_dir/final and leaves the job."""
@@ -664,7 +672,8 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
         return None
     config = config or AutoConfig.from_pretrained(name)
     if not has_weights(name):
-        print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
+        if not run.args.resume:  # a resumed run's weights come from its checkpoint
+            print(f"WARNING: {name} has a config but no weights: initializing the model randomly")
         return auto_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
@@ -806,9 +815,9 @@ def latest_checkpoint(output_dir):
 
 
 def earlier_run(output_dir):
-    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp)."""
+    """The files of an earlier run in output_dir: metrics.jsonl, step_N/, final/ (and their .tmp), wandb/."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
+    return sorted(n for n in names if n in ("metrics.jsonl", "wandb") or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n))
 
 
 def prepare_output_dir(output_dir, resumed_step):
@@ -833,10 +842,11 @@ def prepare_output_dir(output_dir, resumed_step):
         os.replace(metrics + ".tmp", metrics)
 
 
-def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
+def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, keep=None):
     """Every model and optimizer sharded via torch.distributed.checkpoint; the step, the schedulers and
     `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
-    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N."""
+    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N; then all but the
+    newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -854,6 +864,13 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None):
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        output_dir = os.path.dirname(path)
+        steps = sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"step_(\d+)", d)))
+        for old in steps[:-keep] if keep else []:
+            old = os.path.join(output_dir, f"step_{old}")
+            shutil.rmtree(old + ".tmp", ignore_errors=True)
+            os.replace(old, old + ".tmp")
+            shutil.rmtree(old + ".tmp")
     dist.barrier()
 
 
@@ -876,22 +893,49 @@ def load_checkpoint(path, models, schedulers, match, rank):
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         return state["step"], None
-    saved = torch.load(rank_file, weights_only=False)
+    try:  # tensors and plain containers only: unpickling anything else could run code
+        saved = torch.load(rank_file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{rank_file} holds more than tensors and plain containers, which --resume does not "
+                         f"unpickle (it could run code): {str(error).splitlines()[0]}") from None
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     return state["step"], saved["rollout"]
 
 
+def cpu_threads():
+    """On CPU, unless OMP_NUM_THREADS says otherwise, this process's threads: one core fewer than the
+    machine's, shared by the node's ranks. With a thread on every core, another busy process slows every
+    step several-fold (each parallel region waits for its slowest thread)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def prose_help(args_class):
+    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
+    helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+             if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    return dataclasses.make_dataclass(args_class.__name__, [
+        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(args_class)])
+
+
 def launch(main, args_class):
-    """Parses the flags and runs main; an InputError ends the run with its message alone, not a traceback."""
+    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
+    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
+    it prints last, names it."""
     try:
-        main(tyro.cli(args_class, use_underscores=True))
+        main(tyro.cli(prose_help(args_class), use_underscores=True))
     except InputError as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": f"error: {error}", "timestamp": int(time.time())}, f)
         sys.exit(1)
-
 
 if __name__ == "__main__":
     launch(main, Args)

@@ -30,19 +30,20 @@ torch.set_num_threads(int(THREADS))
 PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
-def run_script(script, *args, nproc=1, timeout=900, check=True):
+def run_script(script, *args, nproc=1, timeout=900, check=True, env=None, cwd=ROOT):
     """Runs `python script args` (nproc=1) or `torchrun --nproc_per_node nproc script args` from the
-    repo root, one thread per process, and returns the CompletedProcess. Past the timeout the whole
-    process tree is killed (torchrun's workers too) and the test fails saying so."""
+    repo root (or cwd), one thread per process, with env added to the environment, and returns the
+    CompletedProcess. Past the timeout the whole process tree is killed (torchrun's workers too) and
+    the test fails saying so."""
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": THREADS,
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": PYTHONPATH}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": PYTHONPATH, **(env or {})}
     if nproc == 1:
-        cmd = [sys.executable, str(script)]
+        cmd = [sys.executable, str(ROOT / script)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), str(script)]
+               "--master_port", str(free_port()), str(ROOT / script)]
     cmd += [str(a) for a in args]
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -133,12 +134,13 @@ def sft_demo_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
     """pipeline.py's DPO, GRPO and PPO stages at the demo settings, from the demo SFT run.
-    Returns (output dir, results.json as a dict)."""
+    Returns (output dir, results.json as a dict); what the stages printed is in output dir/pipeline.log."""
     import shutil
 
     out = tmp_path_factory.mktemp("pipeline") / "run"
     shutil.copytree(sft_demo_checkpoint[0].parent, out / "sft")
-    run_script("pipeline.py", "--output_dir", out, "--stages", "dpo", "grpo", "ppo", timeout=1800)
+    proc = run_script("pipeline.py", "--output_dir", out, "--stages", "dpo", "grpo", "ppo", timeout=1800)
+    (out / "pipeline.log").write_text(proc.stdout + proc.stderr)
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -30,7 +30,7 @@ def fake_run(script, rank, mesh=None):
     """The script's Run with only what its build() reads: padded rows (the test's forward has no boundaries),
     sdpa, fp32 compute, this rank on CPU, the mesh."""
     run = object.__new__(script.Run)
-    run.args = SimpleNamespace(attn_implementation="sdpa", padding_free=False)
+    run.args = SimpleNamespace(attn_implementation="sdpa", padding_free=False, resume=False)
     run.rank, run.device, run.mesh, run.compute_dtype = rank, torch.device("cpu"), mesh, torch.float32
     return run
 

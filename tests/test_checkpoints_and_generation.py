@@ -2,18 +2,25 @@
 (the KV cache on) in the source's dtype or --save_dtype; the generation copies of grpo.py and
 ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and the static
 cache (the default on CUDA, where generate compiles its decode step) gives exactly the greedy tokens of
-the dynamic one; --precision bf16 runs every script end to end on 2 CPU ranks (gloo)."""
+the dynamic one; --precision bf16 runs every script end to end on 2 CPU ranks (gloo); step_N/ survives
+SIGKILLs with --save_total_limit, and --resume unpickles nothing but tensors and plain containers."""
 
 import copy
+import fractions
 import json
+import os
+import random
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, read_metrics, run_script, write_jsonl
+from conftest import PYTHONPATH, ROOT, read_metrics, run_script, write_jsonl
 
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
@@ -224,3 +231,56 @@ def test_eval_bf16_with_the_static_cache_on_two_ranks(sources, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
     assert [r["index"] for r in records] == list(range(8)) and all(len(r["completions"]) == 1 for r in records)
     assert '"num_rows": 8' in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# step_N/: resumable, safe to load, as many as asked for
+
+
+def complete_checkpoints(out):
+    return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*") if p.name.split("_")[1].isdigit())
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoint_through_sigkills(tmp_path):
+    """A run that saves every step and keeps 2 checkpoints is SIGKILLed at 5 random moments (most land in a
+    save: a step takes a fraction of a second, its save most of that); each time the newest step_N is
+    complete, at most one older one is left beside the 2 (its deletion may be cut short, as step_N.tmp),
+    and --resume continues from it, until the run ends with every step logged once."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "sft.py", "--eval_dataset", "None", "--per_device_batch_size", "4", "--max_steps", "14",
+           "--save_every", "1", "--save_total_limit", "2", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
+    moments = random.Random(0)
+    for kill in range(5):
+        before = complete_checkpoints(out)
+        proc = subprocess.Popen(cmd + (["--resume"] if before else []), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while complete_checkpoints(out)[-1:] <= before[-1:] and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(moments.uniform(0, 0.5))
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-2000:]
+        saved = complete_checkpoints(out)
+        assert len(saved) <= 3 and saved[-1] > (before[-1] if before else 0), (kill, saved)
+        assert (out / f"step_{saved[-1]}" / "trainer_state.json").exists() and \
+            (out / f"step_{saved[-1]}" / "rank0.pt").exists()
+    run_script("sft.py", *cmd[2:], "--resume")
+    assert complete_checkpoints(out) == [13, 14] and not list(out.glob("*.tmp"))
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 15))
+
+
+def test_resume_refuses_a_checkpoint_that_would_unpickle_code(tmp_path):
+    """step_N/rank{r}.pt is read with torch.load(weights_only=True): tensors and plain containers only. One
+    that holds another object (here a Fraction; a malicious one would run code) is refused, in one line."""
+    out = tmp_path / "run"
+    common = ["--eval_dataset", "None", "--per_device_batch_size", 4, "--save_every", 1, "--output_dir", out]
+    run_script("sft.py", *common, "--max_steps", 1)
+    state = torch.load(out / "step_1" / "rank0.pt", weights_only=True)
+    torch.save({**state, "rollout": fractions.Fraction(1, 3)}, out / "step_1" / "rank0.pt")
+    proc = run_script("sft.py", *common, "--max_steps", 2, "--resume", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out / 'step_1' / 'rank0.pt'} holds more than tensors and plain containers, which --resume does not "
+        f"unpickle (it could run code): {proc.stderr.split('(it could run code): ')[1].strip()}"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]

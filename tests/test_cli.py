@@ -4,6 +4,7 @@ traceback); a fresh run refuses an output_dir that holds a run unless told to ov
 resumed run logs each step once; Ctrl-C saves a resumable checkpoint like SIGTERM; --help spells
 flags as the docs do; the demo's --model defaults say which checkpoint to pass when theirs is missing."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -161,7 +162,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint(script, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "Ctrl-C: saving a checkpoint after this step" in stdout, stderr[-3000:]
+    # saved, then the shell's status of a run ended by SIGINT: 128 + 2
+    assert proc.returncode == 130 and "Ctrl-C: saving a checkpoint after this step" in stdout, stderr[-3000:]
     saved = [p.name for p in out.glob("step_*")]
     assert len(saved) == 1 and f"SIGINT: saved {saved[0]}, exiting (--resume continues from it)" in stdout, saved
     assert (out / saved[0] / "trainer_state.json").exists()
@@ -208,8 +210,90 @@ def test_help_spells_flags_with_underscores_and_both_spellings_work():
         if script in TRAINERS:
             words = " ".join(text.replace("│", " ").split())
             assert "--overwrite_output_dir," in flags and "(None: output_dir's name) (default: None)" in words
-    args = sft.tyro.cli(sft.Args, args=["--max-steps", "3", "--max_seq_len", "32"], use_underscores=True)
+    args = sft.tyro.cli(sft.prose_help(sft.Args), args=["--max-steps", "3", "--max_seq_len", "32"],
+                        use_underscores=True)
     assert (args.max_steps, args.max_seq_len) == (3, 32)
+
+
+@dataclasses.dataclass
+class Wrapped:
+    steps: int = 3
+    """a docstring that the source wraps
+    mid-sentence, as long docstrings are"""
+
+
+def test_a_wrapped_docstring_is_one_paragraph_of_help(capsys, monkeypatch):
+    """tyro keeps a docstring's line breaks; prose_help gives it the docstring as one paragraph."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def help_lines(args_class):
+        with pytest.raises(SystemExit):
+            sft.tyro.cli(args_class, args=["--help"])
+        return [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+
+    assert not any("wraps mid-sentence" in line for line in help_lines(Wrapped))
+    assert any("a docstring that the source wraps mid-sentence, as long docstrings are" in line
+               for line in help_lines(sft.prose_help(Wrapped)))
+    assert sft.tyro.cli(sft.prose_help(Wrapped), args=["--steps", "5"]).steps == 5
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py"])
+def test_help_reads_as_prose(script):
+    """Each flag's help is its docstring as one paragraph: on a terminal wide enough for the longest, every
+    help text is on one line, wherever the source wraps the docstring."""
+    module = {**TRAINERS, "eval.py": evaluation}[script]
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000", "PYTHONPATH": PYTHONPATH})
+    lines = [" ".join(line.replace("│", " ").split()) for line in proc.stdout.splitlines()]
+    helps = sft.prose_help(module.Args).__dataclass_fields__
+    for field in dataclasses.fields(module.Args):
+        text = helps[field.name].type.__metadata__[0].help
+        assert any(text in line for line in lines), (script, field.name, text)
+
+
+def test_torchruns_failure_report_ends_with_the_error(tmp_path):
+    """Under torchrun a bad flag's one line is printed, and it is what torchrun's failure report, printed
+    last, names as the cause (instead of 'To enable traceback see ...')."""
+    proc = run_script("dpo.py", "--model", tmp_path / "missing", "--output_dir", tmp_path / "out", nproc=2,
+                      check=False)
+    message = f"error: --model {tmp_path / 'missing'}: no such directory"
+    assert proc.returncode != 0 and message in proc.stderr
+    tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+    assert "Root Cause" in tail and message in tail, tail
+
+
+def test_resume_does_not_warn_of_a_random_init(tmp_path):
+    """A resumed run's weights come from its checkpoint: no warning that the config-only model is
+    initialized randomly (the fresh run does warn)."""
+    common = ["--eval_dataset", "None", "--per_device_batch_size", 4, "--save_every", 1, "--output_dir", tmp_path]
+    fresh = run_script("sft.py", *common, "--max_steps", 1)
+    resumed = run_script("sft.py", *common, "--max_steps", 2, "--resume")
+    warning = "WARNING: assets/tiny has a config but no weights"
+    assert warning in fresh.stdout and warning not in resumed.stdout and "resumed from" in resumed.stdout
+
+
+def test_wandb_files_go_with_the_run(tmp_path):
+    """--track (offline here) writes wandb's local files under --output_dir, not ./wandb of the working
+    directory, so that two runs started from one directory keep theirs apart."""
+    proc = run_script("sft.py", "--model", TINY, "--dataset", ROOT / "data" / "sft_train.jsonl", "--eval_dataset",
+                      "None", "--per_device_batch_size", 4, "--max_steps", 1, "--track", "--output_dir", tmp_path / "run",
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")) and not (tmp_path / "wandb").exists()
+
+
+def test_cpu_threads_leave_a_core_free_unless_told():
+    code = ("import os, torch, sft\n"
+            "os.environ.pop('OMP_NUM_THREADS', None)\n"
+            "sft.cpu_threads(); alone = torch.get_num_threads()\n"
+            "os.environ['LOCAL_WORLD_SIZE'] = '2'; sft.cpu_threads(); shared = torch.get_num_threads()\n"
+            "os.environ['OMP_NUM_THREADS'] = '3'; torch.set_num_threads(3); sft.cpu_threads()\n"
+            "print(alone, shared, torch.get_num_threads(), os.cpu_count())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**env, "PYTHONPATH": PYTHONPATH}).stdout.split()
+    alone, shared, told, cores = map(int, out)
+    assert (alone, shared, told) == (max(1, cores - 1), max(1, (cores - 1) // 2), 3)
 
 
 def test_pipeline_checks_its_stages_before_running_any(tmp_path):

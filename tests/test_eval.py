@@ -100,7 +100,7 @@ def test_completions_end_at_the_first_stop_token_or_are_cut_at_max_completion_le
     stop = raw[0][position]
     torch.manual_seed(0)
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    completions, ended = evaluation.sample(model, ids, tokenizer.pad_token_id, [stop], 8, temperature=1.0)
+    completions, ended, _ = evaluation.sample(model, ids, tokenizer.pad_token_id, [stop], 8, temperature=1.0)
     for tokens, completion, stopped in zip(raw, completions, ended):
         expected_length = tokens.index(stop) + 1 if stop in tokens else 8
         assert (stopped, completion) == (stop in tokens, tokens[:expected_length])

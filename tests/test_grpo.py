@@ -112,11 +112,47 @@ def test_sampling_stops_at_end_of_turn_and_reports_truncation():
     bias[eot_id] = 3.0
     lm.get_output_embeddings().register_forward_hook(lambda module, inputs, logits: logits + bias)
     prompts = [[1, 2, 3], [4], [5, 6]] * 8
-    completions, ended = grpo.sample(lm, prompts, 0, [eot_id], 12, temperature=1.0)
+    completions, ended, _ = grpo.sample(lm, prompts, 0, [eot_id], 12, temperature=1.0)
     for completion, stopped in zip(completions, ended):
         assert stopped == (eot_id in completion)
         assert completion.index(eot_id) == len(completion) - 1 if stopped else len(completion) == 12
     assert any(ended) and not all(ended)
+
+
+def nucleus_logprobs(logits, temperature, top_p):
+    """log-softmax of logits / temperature over the smallest set of the likeliest tokens that holds top_p of
+    the probability (the nucleus; the other tokens get -inf), written out here independently of transformers."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    ordered, order = probs.sort(descending=True)
+    before = ordered.cumsum(-1) - ordered  # the mass of the likelier tokens
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+    return torch.log(torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_sampler_logprobs_are_of_the_distribution_each_token_was_drawn_from(temperature, top_p):
+    """sample() draws the tokens generate() draws with its own warpers (same seed), and gives each the
+    log-prob under the temperature-scaled, top-p-truncated distribution it was drawn from, recomputed here
+    from a plain forward of prompt + completion."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY)
+    config.initializer_range = 0.3  # a random model with peaked distributions, so top-p truncates
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    torch.manual_seed(1)
+    completions, ended, logprobs = grpo.sample(lm, prompts, 0, [2], 10, temperature, top_p)
+    for prompt, completion, lps in zip(prompts, completions, logprobs):
+        assert len(lps) == len(completion) and all(lp <= 0 for lp in lps)
+        with torch.no_grad():
+            logits = lm(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        expected = nucleus_logprobs(logits, temperature, top_p).gather(1, torch.tensor(completion)[:, None])
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected.squeeze(1), rtol=0, atol=2e-5)
+    # the same draws as generate()'s own temperature and top-p warpers make (left padding and all)
+    ids = torch.tensor([[1, 2, 3], [0, 0, 4], [0, 5, 6]])
+    torch.manual_seed(1)
+    out = lm.generate(ids, attention_mask=(ids != 0).long(), do_sample=True, temperature=temperature, top_p=top_p,
+                      top_k=0, max_new_tokens=10, eos_token_id=2, pad_token_id=0)[:, 3:].tolist()
+    assert [tokens[:len(c)] for tokens, c in zip(out, completions)] == completions
 
 
 def test_bad_rows_name_the_row():
@@ -178,20 +214,27 @@ def runs(tmp_path_factory, sft_demo_checkpoint):
     model = sft_demo_checkpoint[0]
     base = tmp_path_factory.mktemp("grpo")
     data = ["--dataset", half_solved_prompts(model, base / "prompts.jsonl")]
-    out = {name: base / name for name in ("dapo", "resumed", "dr_grpo")}
+    out = {name: base / name for name in ("dapo", "resumed", "dr_grpo", "cispo")}
     run_script("grpo.py", "--model", model, *data, *COMMON, *DAPO, "--output_dir", out["dapo"], nproc=2)
     out["resumed"].mkdir()
     shutil.copytree(out["dapo"] / "step_3", out["resumed"] / "step_3")
     run_script("grpo.py", "--model", model, *data, *COMMON, *DAPO, "--resume", "--output_dir", out["resumed"], nproc=2)
+    # top-p sampling, whose truncated distribution is not the trainer's, corrected per token
     run_script("grpo.py", "--model", model, *data, *COMMON, "--loss_type", "dr_grpo", "--scale_rewards", "none",
+               "--top_p", 0.8, "--sampler_correction", "token_truncate", "--sampler_correction_cap", 0.9,
                "--eval_dataset", "None", "--output_dir", out["dr_grpo"], nproc=2)
+    run_script("grpo.py", "--model", model, *data, *COMMON, "--max_steps", 2, "--loss_type", "cispo",
+               "--importance_sampling_level", "sequence", "--num_iterations", 2, "--epsilon_high", 0.01,
+               "--eval_dataset", "None", "--output_dir", out["cispo"])
     return out
 
 
 TRL_METRICS = ["loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/gsm8k/mean", "frac_reward_zero_std",
                "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                "completions/mean_length", "completions/clipped_ratio", "perf/rollout_tokens_per_second",
-               "perf/time_generation", "perf/time_training"]
+               "perf/time_generation", "perf/time_training", "sampling/sampling_logp_difference/mean",
+               "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+               "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max"]
 
 
 def test_two_ranks_end_to_end(runs):
@@ -205,6 +248,9 @@ def test_two_ranks_end_to_end(runs):
         assert metrics[step]["reward"] == pytest.approx(metrics[step]["rewards/gsm8k/mean"]
                                                         + 0.5 * metrics[step]["rewards/format/mean"])
     assert 0 < metrics[1]["rewards/gsm8k/mean"] < 1 and metrics[1]["frac_reward_zero_std"] < 1
+    for step in range(1, 7):  # in fp32 on CPU the generation copy samples from the trained policy to rounding
+        assert metrics[step]["sampling/sampling_logp_difference/max"] < 1e-4
+        assert abs(metrics[step]["sampling/importance_sampling_ratio/mean"] - 1) < 1e-3
     assert metrics[1]["kl"] == 0  # the policy starts at the reference
     assert metrics[2]["kl"] > 0 and metrics[4]["kl"] > 0
     # a reused rollout: same rewards, and its second step sees a moved policy that the clip bounds
@@ -241,7 +287,32 @@ def test_one_iteration_never_clips(runs):
             assert math.isfinite(row[key]), (step, key)
         assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == row["clip_ratio/region_mean"] == 0
         assert "kl" not in row  # beta = 0: no reference model
+        # top-p's renormalized nucleus gives the sampled tokens more probability than the trainer's full
+        # distribution (ratios just below 1 at temperature 0.3), and the cap of 0.9 truncates them
+        assert row["sampling/sampling_logp_difference/mean"] > 1e-4  # fp32 rounding: about 1e-7
+        assert row["sampling/importance_sampling_ratio/max"] == pytest.approx(0.9)
     assert len({row["reward"] for row in metrics.values()}) > 1  # a fresh rollout every step
+
+
+def test_cispo_with_sequence_level_ratios_runs(runs):
+    """CISPO's weights have no lower clip; on the reused rollout the sequence-level ratios moved past
+    1 + epsilon_high and were capped (clip_ratio/high_mean > 0)."""
+    metrics = read_metrics(runs["cispo"])
+    assert sorted(metrics) == [1, 2]
+    for row in metrics.values():
+        assert all(math.isfinite(row[key]) for key in TRL_METRICS) and row["clip_ratio/low_mean"] == 0
+    assert metrics[1]["clip_ratio/high_mean"] == 0 < metrics[2]["clip_ratio/high_mean"]
+
+
+def test_a_run_that_cannot_learn_says_so(tmp_path, sft_demo_checkpoint):
+    """With a completion limit of 4 tokens the demo model's answers (about 17 tokens) are all cut, every
+    reward is 0: one warning each, naming the cause and the flag to change."""
+    proc = run_script("grpo.py", "--model", sft_demo_checkpoint[0], "--max_completion_len", 4, "--max_steps", 4,
+                      "--per_device_batch_size", 8, "--num_generations", 4, "--eval_dataset", "None",
+                      "--output_dir", tmp_path / "out")
+    cut = "WARNING: grpo is not learning: every completion of the last 3 steps was cut at --max_completion_len 4"
+    assert proc.stdout.count(cut) == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("WARNING: grpo is not learning: no group's rewards varied") == 1
 
 
 @pytest.mark.slow

@@ -21,3 +21,4 @@ def test_pipeline_runs_every_stage_and_reports(demo_pipeline):
     table = (out / "results.md").read_text()
     assert all(f"| {s} |" in table for s in ("SFT", "DPO", "GRPO", "PPO"))
     assert (out / "pipeline.png").stat().st_size > 10_000
+    assert "is not learning" not in (out / "pipeline.log").read_text()  # healthy runs raise no such warning

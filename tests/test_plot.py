@@ -1,9 +1,11 @@
 """pipeline.py's plot, drawn from a fixture of metrics.jsonl files (no training): every curve is
-drawn from its metrics with labelled axes, DPO's loss and accuracy on y-axes of their own, and the
-SFT stage logs its eval loss along the run, so that it is a curve rather than one point."""
+drawn from its metrics with labelled axes, DPO's loss and accuracy (per batch and held out) on y-axes of
+their own, a size that reads at a README's width, and the SFT stage logs its eval loss along the run, so
+that it is a curve rather than one point."""
 
 import sys
 
+import matplotlib.image
 import pytest
 
 from conftest import ROOT, write_jsonl
@@ -67,10 +69,14 @@ def test_every_curve_has_its_own_labelled_axis(run_dir):
     assert [bar.get_height() for bar in panels["held-out accuracy"].patches[:4]] == [0.72, 0.69, 0.77, 0.77]
 
 
-def test_plot_writes_the_png(run_dir):
+def test_plot_writes_a_png_that_reads_at_a_readmes_width(run_dir):
+    """About 900 pixels wide (a README shows it at about that width, so its text stays legible), in two
+    rows of three panels."""
     out, _ = run_dir
     path = pipeline.plot(str(out), STAGES, dict.fromkeys(STAGES, 0.5), dict.fromkeys(STAGES, 0.25))
     assert path == str(out / "pipeline.png") and (out / "pipeline.png").stat().st_size > 10_000
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (900, 600)
 
 
 def test_the_sft_stage_logs_its_eval_loss_along_the_run():

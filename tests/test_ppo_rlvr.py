@@ -186,14 +186,14 @@ def test_generation_stops_at_end_of_turn_and_is_seeded(sft_demo_checkpoint):
         torch.manual_seed(seed)
         return ppo_rlvr.sample(lm, prompts, pad_id, [eot], max_new, temperature=1.0)
 
-    completions, ended = sample(1)
+    completions, ended, _ = sample(1)
     for completion, stopped in zip(completions, ended):
         if stopped:
             assert completion.index(eot) == len(completion) - 1
         else:
             assert eot not in completion and len(completion) == max_new
     assert 0 < sum(ended) < len(prompts)
-    assert sample(1) == (completions, ended) and sample(2)[0] != completions
+    assert sample(1)[:2] == (completions, ended) and sample(2)[0] != completions
 
 
 def test_rows_are_checked_with_their_index():
@@ -221,6 +221,17 @@ def test_bad_row_or_missing_model_stops_before_compute(tmp_path, sft_demo_checkp
         ppo_rlvr.check_args(ppo_rlvr.Args(model="runs/nothing/final"))
 
 
+def test_a_run_that_cannot_learn_says_so(tmp_path, sft_demo_checkpoint):
+    """With a completion limit of 4 tokens the demo model's answers are all cut, and every completion
+    gets the non-stop penalty: one warning each, naming the cause and the flag to change."""
+    proc = run_script("ppo_rlvr.py", "--model", sft_demo_checkpoint[0], "--max_completion_len", 4, "--max_steps", 4,
+                      "--num_ppo_epochs", 1, "--per_device_batch_size", 8, "--eval_dataset", "None",
+                      "--output_dir", tmp_path / "out")
+    cut = "WARNING: ppo is not learning: every completion of the last 3 rollouts was cut at --max_completion_len 4"
+    assert proc.stdout.count(cut) == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("had the same score (-10)") == 1
+
+
 # fp32 so that a resumed run must agree with an uninterrupted one to float rounding; one PPO epoch
 # of one minibatch, so every update is the first minibatch of the first epoch
 E2E = ["--precision", "fp32", "--max_steps", 4, "--per_device_batch_size", 4, "--grad_accum_steps", 2,
@@ -241,7 +252,9 @@ def runs(tmp_path_factory, sft_demo_checkpoint):
     return out
 
 
-TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+TRL_METRICS = ["sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+               "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+               "sampling/importance_sampling_ratio/max", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "perf/rollout_tokens_per_second",
                "perf/time_generation", "perf/time_training", "learning_rate", "grad_norm", "value_grad_norm"]
@@ -259,6 +272,9 @@ def test_two_ranks_end_to_end(runs):
         assert 0 <= row["val/num_eos_tokens"] <= 16 and row["grad_norm"] > 0 and row["value_grad_norm"] > 0
         expected = row["objective/scores"] + row["objective/non_score_reward"]
         assert row["objective/rlhf_reward"] == pytest.approx(expected)
+        # in fp32 on CPU the generation copy samples from the trained policy to rounding
+        assert row["sampling/sampling_logp_difference/max"] < 1e-4
+        assert abs(row["sampling/importance_sampling_ratio/mean"] - 1) < 1e-3
     assert (out / "step_2" / "trainer_state.json").exists() and (out / "step_4").exists()
     assert not list(out.glob("*.tmp"))
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
