@@ -431,7 +431,7 @@ def main(args):
         if run.log_due(step):
             n_tokens = sum(len(train[i]["chosen_ids"]) + len(train[i]["rejected_ids"]) for i in indices)
             loss, chosen, rejected, correct, logps_chosen, logps_rejected = (totals / batch_size).tolist()
-            metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+            metrics = {"loss": loss, "grad_norm": grad_norm.item(), "learning_rate": lr,
                        "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/accuracies": correct,
                        "rewards/margins": chosen - rejected, "logps/chosen": logps_chosen,
                        "logps/rejected": logps_rejected, "epoch": step * batch_size / len(train),
@@ -879,14 +879,15 @@ def adamw(model, lr, args, total_steps):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
-    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm and the learning rate."""
+    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm (a tensor: reading it
+    waits for the device, which only logged steps need) and the learning rate."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           max_grad_norm or float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item(), lr
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm, lr
 
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.

@@ -415,12 +415,14 @@ class SamplerLogprobs(LogitsProcessor):
         if self.last is not None:  # the token drawn at the previous step is the last input now
             self.record(input_ids[:, -1])
         scores = self.warpers(input_ids, scores)
-        # not log_softmax, whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
-        self.last = scores.float() - torch.logsumexp(scores.float(), -1, keepdim=True)
+        # the scores (fp32, generate's) and their log-normalizer: not log_softmax, which would copy [batch, vocab]
+        # and whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
+        self.last = scores, torch.logsumexp(scores.float(), -1)
         return scores
 
     def record(self, tokens):
-        self.logprobs.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+        scores, normalizer = self.last
+        self.logprobs.append(scores.float().gather(1, tokens[:, None]).squeeze(1) - normalizer)
 
 
 @torch.no_grad()

@@ -1029,14 +1029,15 @@ def adamw(model, lr, args, total_steps):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
-    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm and the learning rate."""
+    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm (a tensor: reading it
+    waits for the device, which only logged steps need) and the learning rate."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           max_grad_norm or float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item(), lr
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm, lr
 
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -1330,12 +1331,14 @@ class SamplerLogprobs(LogitsProcessor):
         if self.last is not None:  # the token drawn at the previous step is the last input now
             self.record(input_ids[:, -1])
         scores = self.warpers(input_ids, scores)
-        # not log_softmax, whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
-        self.last = scores.float() - torch.logsumexp(scores.float(), -1, keepdim=True)
+        # the scores (fp32, generate's) and their log-normalizer: not log_softmax, which would copy [batch, vocab]
+        # and whose fp32 CPU kernel is off by about 1e-5 per token over a 262k vocabulary
+        self.last = scores, torch.logsumexp(scores.float(), -1)
         return scores
 
     def record(self, tokens):
-        self.logprobs.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+        scores, normalizer = self.last
+        self.logprobs.append(scores.float().gather(1, tokens[:, None]).squeeze(1) - normalizer)
 
 
 @torch.no_grad()

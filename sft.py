@@ -268,7 +268,7 @@ def main(args):
         dist.all_reduce(loss_sum)
         if run.log_due(step):
             n_tokens, seconds = sum(lengths[i] for i in indices), time.perf_counter() - t0
-            metrics = {"loss": loss_sum.item() / n_loss_tokens, "grad_norm": grad_norm, "learning_rate": lr,
+            metrics = {"loss": loss_sum.item() / n_loss_tokens, "grad_norm": grad_norm.item(), "learning_rate": lr,
                        "epoch": step * batch_size / len(train),
                        **throughput(run, model, n_tokens, len(indices), seconds)}
             if evals and every(args.eval_every, step):
@@ -714,14 +714,15 @@ def adamw(model, lr, args, total_steps):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
-    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm and the learning rate."""
+    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm (a tensor: reading it
+    waits for the device, which only logged steps need) and the learning rate."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           max_grad_norm or float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item(), lr
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm, lr
 
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
