@@ -129,7 +129,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
     hsdp: bool = False
-    """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
+    """shard the model within each node and replicate it across nodes (without it: sharded over all ranks)"""
     save_every: int = 0
     """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
     save_total_limit: int | None = None

@@ -110,7 +110,9 @@ class Args:
     attention; top-p's truncation): multiply the surrogate by exp(trainer - sampler log-prob) of each token
     (token_*) or of each completion (sequence_*: the product over its tokens), truncated at the cap
     (*_truncate; token_truncate is TIS) or zeroed above it (*_mask); none: no correction (the mismatch is
-    logged under sampling/ either way). Default: TRL's"""
+    logged under sampling/ either way). The default is TRL's. With --top_p < 1 every token's weight is below 1
+    (the sampler renormalizes the nucleus), so a sequence_* weight shrinks with the completion's length: use a
+    token_* mode there"""
     sampler_correction_cap: float = 3.0
     """the cap of --sampler_correction (TRL's vllm_importance_sampling_clip_max)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
@@ -166,7 +168,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
     hsdp: bool = False
-    """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
+    """shard the model within each node and replicate it across nodes (without it: sharded over all ranks)"""
     save_every: int = 0
     """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
     save_total_limit: int | None = None
@@ -191,6 +193,17 @@ class Args:
 # The algorithm
 
 
+def completion_rewards(scores, args):
+    """Each completion's reward from its named scores (score_completions): the one place that shapes the
+    reward (add a length penalty or another scorer here). The verifier's score, plus with --format_reward
+    the format reward, weighted by --reward_weights."""
+    weights = args.reward_weights or [1.0] * (1 + args.format_reward)
+    rewards = weights[0] * scores["verifier"]
+    if args.format_reward:
+        rewards = rewards + weights[1] * scores["format"]
+    return rewards
+
+
 def group_advantages(rewards, group_size, scale):
     """rewards [n_prompts * group_size], groups contiguous. Returns advantages (same shape) and a
     [n_prompts] bool mask of groups whose rewards are all equal (they carry no signal)."""
@@ -205,15 +218,15 @@ def group_advantages(rewards, group_size, scale):
     return centered, zero_std
 
 
-def token_weights(n_loss_tokens, loss_type, n_sequences, n_tokens, max_completion_len):
+def token_weights(n_loss_tokens, loss_type, n_sequences, total_loss_tokens, max_completion_len):
     """Per-sequence weight of each of its loss tokens, such that sum(weight * token_loss) over the
     global batch (all micro-batches, all ranks) is the loss_type's normalized loss. n_loss_tokens [B]
-    per sequence of the global batch; n_sequences and n_tokens are the batch's totals."""
+    per sequence of the global batch; n_sequences and total_loss_tokens are the batch's totals."""
     n_loss_tokens = n_loss_tokens.double()
     if loss_type == "grpo":
         return 1.0 / (n_loss_tokens.clamp(min=1) * max(n_sequences, 1))
     if loss_type in ("dapo", "cispo"):
-        return torch.full_like(n_loss_tokens, 1.0 / max(n_tokens, 1))
+        return torch.full_like(n_loss_tokens, 1.0 / max(total_loss_tokens, 1))
     return torch.full_like(n_loss_tokens, 1.0 / (max(n_sequences, 1) * max_completion_len))
 
 
@@ -226,20 +239,20 @@ def completion_sums(x, lengths):
 
 
 def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp=None, beta=0.0,
-                      lengths=None, cispo=False, weights=None):
+                      sequence_lengths=None, cispo=False, correction=None):
     """Per-token loss -min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3(pi || ref),
     with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0. All inputs are [n_tokens]. Also returns the
     k3 values (or None) and the masks of tokens whose gradient the clip removed from below / above.
     The clipped tokens are picked by those explicit comparisons rather than by min() and clamp(),
     whose gradients at ties and bounds differ between torch releases: a token on the clip boundary
     (every token when the ratio is 1 and epsilon 0) keeps the full policy gradient -A ratio.
-    lengths (GSPO): the completions' token counts; the ratio is then one per completion, exp of the mean
-    of its tokens' log-ratios. cispo: -sg(min(ratio, 1 + eps_high)) A logp, the capped ratio weighing the
-    policy gradient of every token (high: where the cap bound with A > 0). weights: the sampler
-    correction, multiplying the surrogate (not the KL)."""
+    sequence_lengths (GSPO): the completions' token counts; the ratio is then one per completion, exp of the
+    mean of its tokens' log-ratios. cispo: -sg(min(ratio, 1 + eps_high)) A logp, the capped ratio weighing
+    the policy gradient of every token (high: where the cap bound with A > 0). correction: the sampler
+    correction's weights (sampler_weights), multiplying the surrogate (not the KL)."""
     log_ratio = logp - old_logp
-    if lengths is not None:
-        log_ratio = completion_sums(log_ratio, lengths) / lengths.repeat_interleave(lengths)
+    if sequence_lengths is not None:
+        log_ratio = completion_sums(log_ratio, sequence_lengths) / sequence_lengths.repeat_interleave(sequence_lengths)
     ratio = torch.exp(log_ratio)
     low = (ratio < 1 - epsilon_low) & (advantages < 0) & (not cispo)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
@@ -247,8 +260,8 @@ def clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, ref
         loss = -ratio.clamp(max=1 + epsilon_high).detach() * advantages * logp
     else:  # where the clip binds, the objective is the constant clip(ratio) A: no gradient
         loss = -torch.where(low | high, ratio.clamp(1 - epsilon_low, 1 + epsilon_high).detach(), ratio) * advantages
-    if weights is not None:
-        loss = loss * weights
+    if correction is not None:
+        loss = loss * correction
     kl = None
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
@@ -265,25 +278,8 @@ def sampler_weights(old_logp, sampler_logp, lengths, mode, cap):
     return ratio.clamp(max=cap) if mode.endswith("truncate") else torch.where(ratio > cap, 0.0, ratio)
 
 
-def mismatch_stats(old_logp, sampler_logp, weights, lengths, sequence_level):
-    """The sampler-trainer mismatch of a micro-batch, which sums and maxima over all ranks turn into TRL's
-    sampling/* metrics: [sum |old - sampler|, tokens, sum of the weights (without a correction: of the raw
-    ratios), how many] and [max |old - sampler|, max weight, -min weight]; in the sequence modes the
-    weights are counted per completion, else per token."""
-    if weights is None:
-        weights = torch.exp(old_logp - sampler_logp)
-    elif sequence_level:
-        weights = weights[(lengths.cumsum(0) - lengths)[lengths > 0]]  # each completion's first token
-    difference, weights = (old_logp - sampler_logp).abs().double(), weights.double()
-    sums = torch.stack([difference.sum(), difference.new_tensor(len(difference)), weights.sum(),
-                        weights.new_tensor(len(weights))])
-    if not len(difference):  # a micro-batch without loss tokens (FSDP's filler)
-        return sums, difference.new_full((3,), -math.inf)
-    return sums, torch.stack([difference.max(), weights.max(), -weights.min()])
-
-
 # ---------------------------------------------------------------------------------------------
-# The policy, and the rollout: sample, score, and cut into micro-batches with advantages and loss weights
+# The policy, and the rollout: sample, score, advantages and loss weights, micro-batches
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -302,6 +298,18 @@ class PolicyLogprobs(torch.nn.Module):
                                temperature=temperature, with_entropy=with_entropy)
 
 
+def score_completions(rows, completions, ended, tokenizer, format_reward):
+    """Named scores, one value per completion (of its row): `verifier` (the row's verifier, in [0, 1]),
+    `format` (the format verifier with --format_reward, else 0), `length` (its tokens) and `truncated` (1 if
+    cut at --max_completion_len before its end-of-turn token)."""
+    texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
+    scores = {"verifier": [verifiers.get(row["verifier"])(text, row["ground_truth"]) for row, text in zip(rows, texts)],
+              "format": [verifiers.get("format")(text, "") if format_reward else 0.0 for text in texts],
+              "length": [len(completion) for completion in completions],
+              "truncated": [float(not stopped) for stopped in ended]}
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
+
+
 def micro_batch(sequences, packed, pad_id):
     """The model inputs (see collate) of (prompt_ids, completion_ids, has_loss) triples: the targets are
     the completion tokens, or nothing for a completion without loss."""
@@ -310,66 +318,62 @@ def micro_batch(sequences, packed, pad_id):
                    packed, pad_id)
 
 
+def training_micro_batches(args, device, pad_id, prompts, completions, sampler_logps, kept, has_loss, advantages,
+                           loss_weights):
+    """This rank's kept completions, longest first, in micro-batches (rank_micro_batches; completions that are not
+    kept fill in, without loss, where this rank has too few), each with its loss tokens' advantages, loss
+    weights and sampler log-probs in the order the policy returns their log-probs. Every argument after
+    sampler_logps holds one value per completion of this rank."""
+    size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
+    mine = sorted((j for j in range(len(prompts)) if kept[j]), key=lambda j: -size[j])
+
+    def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
+        return sum(size[j] for j in chunk) if args.padding_free else len(chunk) * size[chunk[0]]
+
+    micro_batches = []
+    for chunk in rank_micro_batches(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch, device,
+                                    fillers=[j for j in range(len(prompts)) if not kept[j]]):
+        lengths = torch.tensor([len(completions[j]) if has_loss[j] else 0 for j in chunk])
+        micro_batches.append({
+            "batch": micro_batch([(prompts[j], completions[j], bool(has_loss[j])) for j in chunk], args.padding_free,
+                                 pad_id),
+            "advantages": advantages[chunk].repeat_interleave(lengths).float(),
+            "loss_weights": loss_weights[chunk].repeat_interleave(lengths), "lengths": lengths,
+            "sampler_logp": torch.tensor([x for j in chunk if has_loss[j] for x in sampler_logps[j]])})
+    return micro_batches
+
+
 def make_rollout(args, run, index, model, reference, generator, train, tokenizer, pad_id, eot_id):
-    """Samples this rank's groups of rollout `index`, scores them, and cuts them into micro-batches with
-    per-token advantages and loss weights (and reference and old log-probs where needed)."""
+    """Rollout `index`: this rank's groups sampled and scored; the rewards, advantages and loss weights of the
+    global batch; this rank's micro-batches, with reference and old log-probs where needed."""
     G, t0 = args.num_generations, time.perf_counter()
     refresh_generation_copy(model, generator)
     prompts_per_rank = args.per_device_batch_size * args.grad_accum_steps // G
     indices = global_batch(index, len(train), prompts_per_rank * run.world, args.seed)
-    rows = [train[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
-    prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
+    rows = [train[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank] for _ in range(G)]
+    prompts = [row["prompt_ids"] for row in rows]
     completions, ended, sampler_logps = sample(
         generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature, args.top_p,
         args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
     t_generation = time.perf_counter() - t0
 
-    # scores of every completion of the global batch: [correct, format, length, truncated]
-    local = torch.zeros(len(prompts), 4, dtype=torch.float64)
-    for j, (completion, stopped) in enumerate(zip(completions, ended)):
-        text = tokenizer.decode(completion, skip_special_tokens=True)
-        local[j, 0] = verifiers.get(rows[j // G]["verifier"])(text, rows[j // G]["ground_truth"])
-        local[j, 1] = verifiers.get("format")(text, "") if args.format_reward else 0.0
-        local[j, 2:] = torch.tensor([len(completion), float(not stopped)])
-    gathered = [torch.empty_like(local, device=run.device) for _ in range(run.world)]
-    dist.all_gather(gathered, local.to(run.device))
-    scores = torch.cat(gathered).cpu()
-    reward_weights = torch.tensor(args.reward_weights or [1.0] * (1 + args.format_reward), dtype=torch.float64)
-    rewards = scores[:, :1 + args.format_reward] @ reward_weights
+    # every rank's scores, so that groups, batch statistics and the loss normalization see the global batch
+    scores = all_gather_columns(score_completions(rows, completions, ended, tokenizer, args.format_reward),
+                                run.device)
+    rewards = completion_rewards(scores, args)
     advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
-    keep = ~zero_std.repeat_interleave(G) if args.filter_zero_std else torch.ones(len(rewards), dtype=torch.bool)
-    has_loss = keep & ~(scores[:, 3].bool() & args.mask_truncated_completions)
-    n_loss_tokens = scores[:, 2] * has_loss
-    weights = token_weights(n_loss_tokens, args.loss_type, int(keep.sum()), int(n_loss_tokens.sum()),
-                            args.max_completion_len)
+    # what is trained on (--filter_zero_std keeps groups with signal, --mask_truncated_completions drops the loss
+    # of truncated ones), and the loss_type's normalization as a weight on each completion's tokens
+    kept = ~zero_std.repeat_interleave(G) if args.filter_zero_std else torch.ones(len(rewards), dtype=torch.bool)
+    has_loss = kept & ~(scores["truncated"].bool() & args.mask_truncated_completions)
+    n_loss_tokens = scores["length"] * has_loss
+    loss_weights = token_weights(n_loss_tokens=n_loss_tokens, loss_type=args.loss_type, n_sequences=int(kept.sum()),
+                                 total_loss_tokens=int(n_loss_tokens.sum()), max_completion_len=args.max_completion_len)
 
-    # this rank's kept completions, longest first, cut into micro-batches (per_device_batch_size completions,
-    # max_tokens_per_micro_batch tokens); every rank runs as many as the busiest (FSDP's collectives),
-    # splitting its own or adding no-loss completions where short
-    offset = run.rank * len(prompts)
-    size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
-    mine = sorted((j for j in range(len(prompts)) if keep[offset + j]), key=lambda j: -size[j])
-
-    def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
-        return sum(size[j] for j in chunk) if args.padding_free else len(chunk) * size[chunk[0]]
-
-    chunks = chunks_of(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch)
-    n_micro = torch.tensor(max(1, len(chunks)), device=run.device)
-    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-    chunks = split_largest(chunks, int(n_micro))
-    chunks += [[j] for j in range(len(prompts)) if not keep[offset + j]][:int(n_micro) - len(chunks)]
-    micro_batches = []
-    for chunk in chunks:
-        batch = micro_batch([(prompts[j], completions[j], bool(has_loss[offset + j])) for j in chunk],
-                            args.padding_free, pad_id)
-        # per-completion values repeated over its loss tokens, in the order the policy returns them
-        lengths = torch.tensor([len(completions[j]) if has_loss[offset + j] else 0 for j in chunk])
-        rows_of = torch.tensor(chunk, dtype=torch.long) + offset
-        micro_batches.append({"batch": batch, "advantages": advantages[rows_of].repeat_interleave(lengths).float(),
-                              "weights": weights[rows_of].repeat_interleave(lengths), "lengths": lengths,
-                              # the log-probs the generation copy drew these tokens with
-                              "sampler_logp": torch.tensor([x for j in chunk if has_loss[offset + j]
-                                                            for x in sampler_logps[j]])})
+    mine = slice(run.rank * len(prompts), (run.rank + 1) * len(prompts))
+    micro_batches = training_micro_batches(args, run.device, pad_id, prompts, completions, sampler_logps,
+                                           kept=kept[mine], has_loss=has_loss[mine], advantages=advantages[mine],
+                                           loss_weights=loss_weights[mine])
     with torch.no_grad():
         for mb in micro_batches:
             batch = to_device(mb["batch"], run.device)
@@ -378,20 +382,22 @@ def make_rollout(args, run, index, model, reference, generator, train, tokenizer
             if args.num_iterations > 1:
                 mb["old_logp"] = model(**batch, temperature=args.temperature)[0].cpu()
 
-    verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
     metrics = {"reward": rewards.mean().item(), "reward_std": rewards.view(-1, G).std(1).mean().item(),
                "frac_reward_zero_std": zero_std.double().mean().item(),
-               "completions/mean_length": scores[:, 2].mean().item(),
-               "completions/clipped_ratio": scores[:, 3].mean().item(),
+               "completions/mean_length": scores["length"].mean().item(),
+               "completions/clipped_ratio": scores["truncated"].mean().item(),
                "perf/time_generation": t_generation,
-               "perf/rollout_tokens_per_second": scores[:, 2].sum().item() / t_generation}
+               "perf/rollout_tokens_per_second": scores["length"].sum().item() / t_generation}
+    verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
     for name in sorted(set(verifier_of)):
-        metrics[f"rewards/{name}/mean"] = scores[torch.tensor([v == name for v in verifier_of]), 0].mean().item()
+        of_name = torch.tensor([v == name for v in verifier_of])
+        metrics[f"rewards/{name}/mean"] = scores["verifier"][of_name].mean().item()
     if args.format_reward:
-        metrics["rewards/format/mean"] = scores[:, 1].mean().item()
+        metrics["rewards/format/mean"] = scores["format"].mean().item()
     prompt_lengths = torch.tensor([len(train[i]["prompt_ids"]) for i in indices]).repeat_interleave(G)
-    return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(keep.sum()),
-            "n_tokens": int(((prompt_lengths + scores[:, 2]) * keep).sum())}
+    return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(kept.sum()),
+            # the prompt and completion tokens that the training forwards process, for throughput
+            "tokens_processed": int(((prompt_lengths + scores["length"]) * kept).sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +420,11 @@ def check_args(args):
                          f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
     check_common_args(args, at_least_one=["max_prompt_len", "max_completion_len", "num_iterations"],
                       positive=["temperature"], demo_stages=["sft", "dpo"])
+    if args.top_p < 1 and args.sampler_correction.startswith("sequence") and os.environ.get("RANK", "0") == "0":
+        print(f"WARNING: --top_p {args.top_p} with --sampler_correction {args.sampler_correction}: the sampler draws "
+              "from the renormalized nucleus, so every token's weight exp(trainer - sampler) is below 1 and a "
+              "completion's weight, their product, shrinks geometrically with its length; use token_truncate or "
+              "token_mask (or none)")
 
 
 def main(args):
@@ -457,52 +468,46 @@ def main(args):
             rollout = make_rollout(args, run, (step - 1) // args.num_iterations, model, reference, generator, train,
                                    tokenizer, pad_id, eot_id)
         t_train = time.perf_counter()
-        # sums over this rank's loss tokens: loss, kl, entropy, low / high / region clips, tokens; the mismatch
-        sums = torch.zeros(7, dtype=torch.float64, device=run.device)
-        mismatch = torch.zeros(4, dtype=torch.float64, device=run.device)
-        extremes = torch.full((3,), -math.inf, dtype=torch.float64, device=run.device)
+        totals = Totals(run.device)  # this step's statistics by name, summed over micro-batches and ranks
         for mb in rollout["micro_batches"]:
             logp, entropy = model(**to_device(mb["batch"], run.device), temperature=args.temperature,
                                   with_entropy=True)
             # num_iterations = 1: the old policy is the current one, so the ratio is exactly 1
             old_logp = mb["old_logp"].to(run.device) if "old_logp" in mb else logp.detach()
-            ref_logp = mb["ref_logp"].to(run.device) if "ref_logp" in mb else None
             lengths, sampler_logp = mb["lengths"].to(run.device), mb["sampler_logp"].to(run.device)
             correction = None if args.sampler_correction == "none" else sampler_weights(
-                old_logp, sampler_logp, lengths, args.sampler_correction, args.sampler_correction_cap)
+                old_logp=old_logp, sampler_logp=sampler_logp, lengths=lengths, mode=args.sampler_correction,
+                cap=args.sampler_correction_cap)
             loss, kl, low, high = clipped_surrogate(
-                logp, old_logp, mb["advantages"].to(run.device), args.epsilon, epsilon_high, ref_logp, args.beta,
-                lengths if args.importance_sampling_level == "sequence" else None, args.loss_type == "cispo",
-                correction)
-            weighted = (loss.double() * mb["weights"].to(run.device)).sum()
+                logp=logp, old_logp=old_logp, advantages=mb["advantages"].to(run.device), epsilon_low=args.epsilon,
+                epsilon_high=epsilon_high, ref_logp=mb["ref_logp"].to(run.device) if "ref_logp" in mb else None,
+                beta=args.beta, sequence_lengths=lengths if args.importance_sampling_level == "sequence" else None,
+                cispo=args.loss_type == "cispo", correction=correction)
+            weighted = (loss.double() * mb["loss_weights"].to(run.device)).sum()
             # FSDP averages gradients over ranks; scaling by world makes them a global-batch sum
             (weighted * run.world).backward()
-            sums += torch.stack([weighted.detach(), kl.detach().sum() if kl is not None else torch.zeros_like(weighted),
-                                 entropy.detach().sum(), low.sum(), high.sum(), (low | high).sum(),
-                                 torch.tensor(logp.numel(), device=run.device)]).double()
-            mb_sums, mb_extremes = mismatch_stats(old_logp, sampler_logp, correction, lengths,
-                                                  args.sampler_correction.startswith("sequence"))
-            mismatch, extremes = mismatch + mb_sums, torch.maximum(extremes, mb_extremes)
+            totals.add(loss=weighted, entropy=entropy.sum(), clipped_low=low.sum(), clipped_high=high.sum(),
+                       clipped=(low | high).sum(), loss_tokens=logp.numel())
+            if kl is not None:
+                totals.add(kl=kl.sum())
+            sampler_mismatch(totals, old_logp=old_logp, sampler_logp=sampler_logp, correction=correction,
+                             lengths=lengths, sequence_level=args.sampler_correction.startswith("sequence"))
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-        dist.all_reduce(sums)
-        dist.all_reduce(mismatch)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         if run.log_due(step):
-            now, n_tokens = time.perf_counter(), max(sums[6].item(), 1)
-            metrics = {"loss": sums[0].item(), "grad_norm": grad_norm.item(), "learning_rate": lr, **rollout["metrics"],
-                       "entropy": sums[2].item() / n_tokens, "clip_ratio/low_mean": sums[3].item() / n_tokens,
-                       "clip_ratio/high_mean": sums[4].item() / n_tokens,
-                       "clip_ratio/region_mean": sums[5].item() / n_tokens,
+            sums, now = totals.reduce(), time.perf_counter()
+            loss_tokens = max(sums["loss_tokens"], 1)
+            metrics = {"loss": sums["loss"], "grad_norm": grad_norm.item(), "learning_rate": lr, **rollout["metrics"],
+                       "entropy": sums["entropy"] / loss_tokens,
+                       "clip_ratio/low_mean": sums["clipped_low"] / loss_tokens,
+                       "clip_ratio/high_mean": sums["clipped_high"] / loss_tokens,
+                       "clip_ratio/region_mean": sums["clipped"] / loss_tokens,
                        "perf/time_training": now - t_train, "perf/time_step": now - t0,
-                       **throughput(run, model, rollout["n_tokens"], max(rollout["n_sequences"], 1), now - t_train)}
+                       **throughput(run, model, rollout["tokens_processed"], max(rollout["n_sequences"], 1),
+                                    now - t_train)}
             if args.beta > 0:
-                metrics["kl"] = sums[1].item() / n_tokens
-            if mismatch[1] > 0:  # the sampler's log-probs against the trainer's, as TRL names them
-                metrics |= {"sampling/sampling_logp_difference/mean": (mismatch[0] / mismatch[1]).item(),
-                            "sampling/sampling_logp_difference/max": extremes[0].item(),
-                            "sampling/importance_sampling_ratio/min": -extremes[2].item(),
-                            "sampling/importance_sampling_ratio/mean": (mismatch[2] / mismatch[3]).item(),
-                            "sampling/importance_sampling_ratio/max": extremes[1].item()}
+                metrics["kl"] = sums["kl"] / loss_tokens
+            if sums["logp_tokens"] > 0:
+                metrics |= sampling_metrics(sums)
             warn_without_signal(run, stuck, {
                 f"every completion of the last {PATIENCE} steps was cut at --max_completion_len "
                 f"{args.max_completion_len} before its end-of-turn token: raise it, or train the model to end its "
@@ -854,6 +859,17 @@ def split_largest(chunks, n):
         k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
         chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
     return chunks
+
+
+def rank_micro_batches(items, tokens, per_device, max_tokens, device, fillers=()):
+    """This rank's items (completion indices, in order) cut into micro-batches (chunks_of) such that every rank
+    runs as many as the busiest (FSDP's collectives: each forward and backward needs every rank): the largest
+    are halved, then single `fillers` (items trained on without loss) are added where a rank has too few."""
+    chunks = chunks_of(items, tokens, per_device, max_tokens)
+    n_micro = torch.tensor(max(1, len(chunks)), device=device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    chunks = split_largest(chunks, int(n_micro))
+    return chunks + [[j] for j in fillers][:int(n_micro) - len(chunks)]
 
 
 def collate(sequences, packed, pad_id):
@@ -1315,6 +1331,82 @@ def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch
         score[1] += len(chunk)
     dist.all_reduce(score)
     return (score[0] / score[1]).item()
+
+
+def all_gather_columns(columns, device):
+    """{name: [n] float64 tensor} of this rank -> {name: [n * world]}, every rank's values in rank order, in
+    one all_gather."""
+    local = torch.stack(list(columns.values()), 1).to(device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return dict(zip(columns, torch.cat(gathered).cpu().T.contiguous()))
+
+
+class Totals:
+    """A step's statistics by name, accumulated over this rank's micro-batches, then reduced over all ranks
+    (this process alone outside a process group): sums (add), maxima (max) and minima (min), with one
+    all_reduce for the sums and one for the extremes. Every rank adds the same names."""
+
+    def __init__(self, device):
+        self.device, self.sums, self.extremes, self.signs = device, {}, {}, {}  # a minimum is a negated maximum
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + self.float64(value)
+
+    def max(self, **values):
+        self.extreme(1.0, values)
+
+    def min(self, **values):
+        self.extreme(-1.0, values)
+
+    def extreme(self, sign, values):
+        for name, value in values.items():
+            value, self.signs[name] = sign * self.float64(value), sign
+            self.extremes[name] = torch.maximum(self.extremes[name], value) if name in self.extremes else value
+
+    def float64(self, value):
+        return (value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)).to(self.device,
+                                                                                                torch.float64)
+
+    def reduce(self):
+        """{name: float} over all ranks; reading them waits for the device, so only logged steps call it."""
+        reduced = {}
+        for values, op in ((self.sums, dist.ReduceOp.SUM), (self.extremes, dist.ReduceOp.MAX)):
+            if values:
+                names = sorted(values)
+                packed = torch.stack([values[name] for name in names])
+                if dist.is_initialized():
+                    dist.all_reduce(packed, op=op)
+                reduced |= dict(zip(names, packed.tolist()))
+        return {name: value * self.signs.get(name, 1.0) for name, value in reduced.items()}
+
+
+def sampler_mismatch(totals, old_logp, sampler_logp, correction, lengths, sequence_level):
+    """Adds a micro-batch's sampler-trainer mismatch to totals, for sampling_metrics: |old_logp - sampler_logp|
+    per token (old_logp: the trainer's log-probs of the rollout), and the correction's weights (without a
+    correction, the raw ratios), per completion in the sequence modes (lengths: the completions' token counts,
+    the tokens consecutive), else per token."""
+    if correction is None:
+        weights = torch.exp(old_logp - sampler_logp)
+    else:
+        weights = correction[(lengths.cumsum(0) - lengths)[lengths > 0]] if sequence_level else correction
+    difference, weights = (old_logp - sampler_logp).abs().double(), weights.double()
+    totals.add(logp_difference=difference.sum(), logp_tokens=len(difference), weight=weights.sum(),
+               weights=len(weights))
+    empty = not len(difference)  # a micro-batch without loss tokens (FSDP's filler)
+    totals.max(logp_difference_max=-math.inf if empty else difference.max(),
+               weight_max=-math.inf if empty else weights.max())
+    totals.min(weight_min=math.inf if empty else weights.min())
+
+
+def sampling_metrics(sums):
+    """TRL's sampling/* metrics from the reduced totals of sampler_mismatch."""
+    return {"sampling/sampling_logp_difference/mean": sums["logp_difference"] / sums["logp_tokens"],
+            "sampling/sampling_logp_difference/max": sums["logp_difference_max"],
+            "sampling/importance_sampling_ratio/min": sums["weight_min"],
+            "sampling/importance_sampling_ratio/mean": sums["weight"] / sums["weights"],
+            "sampling/importance_sampling_ratio/max": sums["weight_max"]}
 
 
 # logged steps in a row without a learning signal after which a run says so

@@ -125,7 +125,7 @@ class Args:
     attention): multiply the policy loss by exp(trainer - sampler log-prob) of each token (token_*) or of each
     completion (sequence_*: the product over its tokens), truncated at the cap (*_truncate; token_truncate is
     TIS) or zeroed above it (*_mask); none: no correction (the mismatch is logged under sampling/ either
-    way). Default: TRL's"""
+    way). The default is TRL's"""
     sampler_correction_cap: float = 3.0
     """the cap of --sampler_correction (TRL's vllm_importance_sampling_clip_max)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
@@ -182,7 +182,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in backward (less memory, about 30% more compute)"""
     hsdp: bool = False
-    """shard the model within each node and replicate it across nodes (default: shard it over all ranks)"""
+    """shard the model within each node and replicate it across nodes (without it: sharded over all ranks)"""
     save_every: int = 0
     """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
     save_total_limit: int | None = None
@@ -254,33 +254,33 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
-def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, n_tokens, epsilon, epsilon_value, vf_coef,
-             weights=None):
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, minibatch_tokens, epsilon, epsilon_value,
+             vf_coef, correction=None):
     """Clipped policy loss + vf_coef x clipped value loss, summed over the valid tokens and divided
-    by n_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
-    token sums of the statistics TRL logs. Where each clip binds is decided by explicit comparisons
+    by minibatch_tokens (the minibatch's valid tokens on all ranks and micro-batches). Also returns the
+    token sums of the statistics TRL logs, by name. Where each clip binds is decided by explicit comparisons
     rather than by max() and clamp(), whose gradients at ties and bounds differ between torch
     releases: a ratio or value on the clip boundary keeps its full, unclipped gradient.
-    weights: the sampler correction, multiplying the policy loss of each token."""
+    correction: the sampler correction's weights (sampler_weights), multiplying the policy loss of each token."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     # the policy clip binds where it lowers the objective: A > 0 above 1 + epsilon, A < 0 below 1 - epsilon;
     # there the loss is the constant -A clip(ratio), with no gradient
     pg_clipped = ((advantages > 0) & (ratio > 1 + epsilon)) | ((advantages < 0) & (ratio < 1 - epsilon))
     pg_losses = -advantages * torch.where(pg_clipped, ratio.clamp(1 - epsilon, 1 + epsilon).detach(), ratio)
-    if weights is not None:
-        pg_losses = pg_losses * weights
+    if correction is not None:
+        pg_losses = pg_losses * correction
     # the value clip binds where the clipped prediction's error is the larger one (the prediction left
     # the range around the rollout's value); there the loss is constant too
     values_clipped = old_values + (values - old_values).clamp(-epsilon_value, epsilon_value)
     vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
     vf_binds = vf_clipped > vf_unclipped
     vf_losses = 0.5 * torch.where(vf_binds, vf_clipped.detach(), vf_unclipped)
-    loss = ((pg_losses + vf_coef * vf_losses) * mask).sum() / n_tokens
+    loss = ((pg_losses + vf_coef * vf_losses) * mask).sum() / minibatch_tokens
     with torch.no_grad():
-        stats = torch.stack([pg_losses, vf_losses, pg_clipped.float(), vf_binds.float(), 0.5 * log_ratio ** 2, ratio])
-        stats = (stats * mask).flatten(1).sum(1).double()
-    return loss, stats  # stats: policy loss, value loss, policy clipped, value clipped, approx kl, ratio
+        stats = {"policy_loss": pg_losses, "value_loss": vf_losses, "policy_clipped": pg_clipped.float(),
+                 "value_clipped": vf_binds.float(), "approx_kl": 0.5 * log_ratio ** 2, "ratio": ratio}
+        return loss, {name: (x * mask).sum() for name, x in stats.items()}
 
 
 def sampler_weights(old_logp, sampler_logp, mask, mode, cap):
@@ -367,21 +367,27 @@ def load_value_model(name, run):
 # The rollout: sample, score, then log-probs, values, KL-penalized rewards and GAE advantages
 
 
+def completion_scores(verified, ended, args):
+    """Each completion's score, which token_rewards places on its last token: the one place that shapes the
+    reward (add a length penalty or another scorer here). The verifier's score in [0, 1] times
+    --verification_reward, replaced by --non_stop_penalty where the completion has no end-of-turn token."""
+    scores = verified * args.verification_reward
+    if args.non_stop_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, args.non_stop_penalty))
+    return scores
+
+
 def micro_batches(sequences, mask, rows, per_device, max_tokens, packed, pad_id):
-    """Some rows of this rank's rollout, in their order, cut into micro-batches of at most per_device rows
-    and at most max_tokens tokens; every rank runs as many as the busiest (FSDP's collectives), splitting
-    its own where short. sequences: (token ids, next-token targets) of each row; mask [B, R]: its completion
-    tokens. Returns (rows, micro_batch) pairs."""
+    """Some rows of this rank's rollout, in their order, in micro-batches of at most per_device rows and at most
+    max_tokens tokens, as many on every rank (rank_micro_batches). sequences: (token ids, next-token targets)
+    of each row; mask [B, R]: its completion tokens. Returns (rows, micro_batch) pairs."""
 
     def tokens(chunk):  # what a forward of these rows processes: their tokens, or rows x longest (padded)
         lengths = [len(sequences[b][0]) for b in chunk]
         return sum(lengths) if packed else len(chunk) * max(lengths)
 
-    chunks = chunks_of(rows, tokens, per_device, max_tokens)
-    n_micro = torch.tensor(len(chunks), device=mask.device)
-    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
     return [(chunk, micro_batch(sequences, mask, chunk, packed, pad_id))
-            for chunk in split_largest(chunks, int(n_micro))]
+            for chunk in rank_micro_batches(rows, tokens, per_device, max_tokens, mask.device)]
 
 
 def micro_batch(sequences, mask, rows, packed, pad_id):
@@ -391,11 +397,28 @@ def micro_batch(sequences, mask, rows, packed, pad_id):
     return {**collate([sequences[b] for b in rows], packed, pad_id), "completion_mask": mask[rows, :width]}
 
 
+def rollout_forwards(args, policy, reference, value_model, sequences, mask, pad_id):
+    """The rollout's log-probs and entropies (policy), reference log-probs and values, each [B, R] laid out like
+    mask, computed in the micro-batches of the first PPO epoch so that its first minibatch reproduces them."""
+    old_logp, entropy, ref_logp, old_values = (torch.zeros(mask.shape, device=mask.device) for _ in range(4))
+    minibatch = args.per_device_batch_size * args.grad_accum_steps
+    for start in range(0, len(sequences), minibatch):
+        for rows, batch in micro_batches(sequences, mask, list(range(start, start + minibatch)),
+                                         args.per_device_batch_size, args.max_tokens_per_micro_batch,
+                                         args.padding_free, pad_id):
+            batch = to_device(batch, mask.device)
+            width = batch["completion_mask"].shape[1]
+            old_logp[rows, :width], entropy[rows, :width] = policy(**batch, temperature=args.temperature)
+            ref_logp[rows, :width] = reference(**batch, temperature=args.temperature)[0]
+            old_values[rows, :width] = value_model(**batch)
+    return old_logp, entropy, ref_logp, old_values
+
+
 @torch.no_grad()
 def make_rollout(args, run, index, policy, reference, value_model, generator, train, tokenizer, pad_id, eot_id):
     """Samples a completion for each of this rank's prompts of rollout `index`, scores it, and computes
-    everything the PPO epochs need: old log-probs, reference log-probs and values in the micro-batches of
-    the first epoch, KL-penalized per-token rewards, GAE advantages (whitened over all ranks) and returns."""
+    everything the PPO epochs need: old log-probs, reference log-probs and values, KL-penalized per-token
+    rewards, GAE advantages (whitened over all ranks) and returns; and the rollout's statistics (Totals)."""
     t0 = time.perf_counter()
     refresh_generation_copy(policy, generator)
     local_batch = args.per_device_batch_size * args.grad_accum_steps * args.num_mini_batches
@@ -406,55 +429,45 @@ def make_rollout(args, run, index, policy, reference, value_model, generator, tr
         generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
         width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
     t_generation = time.perf_counter() - t0
+    ended = torch.tensor(ended, device=run.device)
+    verified = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(c, skip_special_tokens=True),
+                                                          r["ground_truth"]) for r, c in zip(rows, completions)],
+                            device=run.device)
+    scores = completion_scores(verified, ended, args)
+
+    # the completions laid out [B, R] (R: the longest), with the log-probs the generation copy drew them with
     mask = torch.zeros(len(rows), max(map(len, completions)), dtype=torch.bool, device=run.device)
-    sampler_logp = torch.zeros(mask.shape, device=run.device)  # the log-probs the generation copy drew with
+    sampler_logp = torch.zeros(mask.shape, device=run.device)
     for b, completion in enumerate(completions):
         mask[b, :len(completion)] = True
         sampler_logp[b, :len(completion)] = torch.tensor(sampler_logps[b])
-    ended = torch.tensor(ended, device=run.device)
-    correct = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(c, skip_special_tokens=True),
-                                                         r["ground_truth"]) for r, c in zip(rows, completions)],
-                           device=run.device)
-    scores = correct * args.verification_reward
-    if args.non_stop_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, args.non_stop_penalty))
     sequences = [(p + c, [-100] * (len(p) - 1) + c + [-100]) for p, c in zip(prompts, completions)]
-
-    # log-probs and values of the rollout, in the micro-batches of the first PPO epoch
-    old_logp, ref_logp, entropy, old_values = (torch.zeros(mask.shape, device=run.device) for _ in range(4))
-    minibatch = args.per_device_batch_size * args.grad_accum_steps
-    for start in range(0, local_batch, minibatch):
-        for rows_mb, batch in micro_batches(sequences, mask, list(range(start, start + minibatch)),
-                                            args.per_device_batch_size, args.max_tokens_per_micro_batch,
-                                            args.padding_free, pad_id):
-            batch = to_device(batch, run.device)
-            width = batch["completion_mask"].shape[1]
-            old_logp[rows_mb, :width], entropy[rows_mb, :width] = policy(**batch, temperature=args.temperature)
-            ref_logp[rows_mb, :width] = reference(**batch, temperature=args.temperature)[0]
-            old_values[rows_mb, :width] = value_model(**batch)
+    old_logp, entropy, ref_logp, old_values = rollout_forwards(args, policy, reference, value_model, sequences, mask,
+                                                               pad_id)
     maskf = mask.float()
     old_values *= maskf
     kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * maskf
-    rewards, non_score = token_rewards(scores, kl, maskf, args.beta)
+    rewards, non_score = token_rewards(scores=scores, kl=kl, mask=maskf, beta=args.beta)
     if args.whiten_rewards:
         rewards = masked_whiten(rewards, maskf, shift_mean=False, distributed=True)
-    advantages, returns = gae(rewards, old_values, maskf, args.gamma, args.lam)
+    advantages, returns = gae(rewards=rewards, values=old_values, mask=maskf, gamma=args.gamma, lam=args.lam)
     advantages = masked_whiten(advantages, maskf, distributed=True)
     correction = None if args.sampler_correction == "none" else sampler_weights(
-        old_logp, sampler_logp, maskf, args.sampler_correction, args.sampler_correction_cap)
-    # the mismatch, as TRL's sampling/* metrics: |old - sampler| per token; the weights (without a correction,
-    # the raw ratios) per token, or per completion in the sequence modes
-    difference = (old_logp - sampler_logp).abs()[mask]
-    weights = torch.exp(old_logp - sampler_logp)[mask] if correction is None else \
-        correction[:, 0] if args.sampler_correction.startswith("sequence") else correction[mask]
-    sums = torch.stack([kl.sum(), -(old_logp * maskf).sum(), non_score.sum(), scores.sum(), correct.sum(),
-                        ended.sum(), maskf.sum(), (entropy * maskf).sum(),
-                        torch.tensor(sum(len(s[0]) for s in sequences), device=run.device), difference.sum(),
-                        weights.sum(), torch.tensor(len(weights), device=run.device)]).double()
-    extremes = torch.stack([difference.max(), weights.max(), -weights.min(), scores.max(), -scores.min()]).double()
+        old_logp=old_logp, sampler_logp=sampler_logp, mask=maskf, mode=args.sampler_correction,
+        cap=args.sampler_correction_cap)
+
+    totals = Totals(run.device)  # the rollout's statistics by name, summed (or extremes) over all ranks
+    totals.add(kl=kl.sum(), neg_logp=-(old_logp * maskf).sum(), non_score_reward=non_score.sum(), score=scores.sum(),
+               verified=verified.sum(), ended=ended.sum(), completion_tokens=maskf.sum(),
+               entropy=(entropy * maskf).sum(), tokens=sum(len(ids) for ids, _ in sequences))
+    totals.max(score_max=scores.max())
+    totals.min(score_min=scores.min())
+    sampler_mismatch(totals, old_logp=old_logp[mask], sampler_logp=sampler_logp[mask],
+                     correction=None if correction is None else correction[mask], lengths=mask.sum(1),
+                     sequence_level=args.sampler_correction.startswith("sequence"))
     return {"sequences": sequences, "mask": mask, "old_logp": old_logp, "old_values": old_values,
-            "advantages": advantages, "returns": returns, "correction": correction, "sums": sums,
-            "extremes": extremes, "t_generation": t_generation}
+            "advantages": advantages, "returns": returns, "correction": correction, "totals": totals,
+            "t_generation": t_generation}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,15 +532,14 @@ def main(args):
         t0 = time.perf_counter()
         r = make_rollout(args, run, index, policy, reference, value_model, generator, train, tokenizer, pad_id, eot_id)
         t_train = time.perf_counter()
-        stats = torch.zeros(6, dtype=torch.float64, device=run.device)
-        grad_norms = torch.zeros(2, dtype=torch.float64, device=run.device)
+        totals = r["totals"]  # the rollout's statistics, then the epochs' (by name, summed over ranks when logged)
         lrs = [policy_scheduler.get_last_lr()[0], value_scheduler.get_last_lr()[0]]
         for epoch in range(args.num_ppo_epochs):
             order = torch.arange(local_batch) if epoch == 0 else torch.randperm(local_batch)
             for start in range(0, local_batch, minibatch):
                 rows_minibatch = order[start:start + minibatch].to(run.device)
-                n_tokens = r["mask"][rows_minibatch].sum().double()
-                dist.all_reduce(n_tokens)
+                minibatch_tokens = r["mask"][rows_minibatch].sum().double()
+                dist.all_reduce(minibatch_tokens)
                 for rows_mb, batch in micro_batches(r["sequences"], r["mask"], rows_minibatch.tolist(),
                                                     args.per_device_batch_size, args.max_tokens_per_micro_batch,
                                                     args.padding_free, pad_id):
@@ -535,57 +547,49 @@ def main(args):
                     logp, _ = policy(**batch, temperature=args.temperature)
                     values = value_model(**batch)
                     cut = lambda x: x[rows_mb, :batch["completion_mask"].shape[1]]  # noqa: E731
-                    loss, mb_stats = ppo_loss(logp, cut(r["old_logp"]), cut(r["advantages"]), values,
-                                              cut(r["old_values"]), cut(r["returns"]),
-                                              batch["completion_mask"].float(), n_tokens, args.epsilon,
-                                              args.epsilon_value, args.vf_coef,
-                                              cut(r["correction"]) if r["correction"] is not None else None)
+                    loss, stats = ppo_loss(
+                        logp=logp, old_logp=cut(r["old_logp"]), advantages=cut(r["advantages"]), values=values,
+                        old_values=cut(r["old_values"]), returns=cut(r["returns"]),
+                        mask=batch["completion_mask"].float(), minibatch_tokens=minibatch_tokens,
+                        epsilon=args.epsilon, epsilon_value=args.epsilon_value, vf_coef=args.vf_coef,
+                        correction=cut(r["correction"]) if r["correction"] is not None else None)
                     # FSDP averages gradients over ranks; scaling by world makes them a global-minibatch sum
                     (loss * run.world).backward()
-                    stats += mb_stats
-                for i, (model, optimizer, scheduler) in enumerate(((policy, policy_optimizer, policy_scheduler),
-                                                                   (value_model, value_optimizer, value_scheduler))):
-                    grad_norms[i] += optimizer_step(model, optimizer, scheduler, args.max_grad_norm)[0] / updates
+                    totals.add(**stats)
+                for name, model, optimizer, scheduler in (
+                        ("grad_norm", policy, policy_optimizer, policy_scheduler),
+                        ("value_grad_norm", value_model, value_optimizer, value_scheduler)):
+                    totals.add(**{name: optimizer_step(model, optimizer, scheduler, args.max_grad_norm)[0] / updates})
         step = (index + 1) * updates
 
-        # metrics: sums over all ranks, then TRL's averages
-        totals, extremes = torch.cat([stats, grad_norms, r["sums"]]), r["extremes"]
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        if run.log_due(step, updates):
-            (pg, vf, pg_clip, vf_clip, approxkl, ratio, policy_norm, value_norm, kl_sum, neg_logp, non_score_sum,
-             score_sum, correct_sum, ended_sum, n_valid, entropy_sum, n_tokens, difference_sum, weight_sum,
-             n_weights) = totals.tolist()
-            max_difference, max_weight, min_weight, max_score, min_score = extremes.tolist()
-            seen, now = n_valid * args.num_ppo_epochs, time.perf_counter()
+        if run.log_due(step, updates):  # sums over all ranks, then TRL's averages
+            sums, now = totals.reduce(), time.perf_counter()
+            seen = sums["completion_tokens"] * args.num_ppo_epochs  # token visits of the epochs
             metrics = {
-                "objective/kl": kl_sum / batch_size, "objective/entropy": neg_logp / batch_size,
-                "objective/non_score_reward": non_score_sum / batch_size,
-                "objective/rlhf_reward": (non_score_sum + score_sum) / batch_size,
-                "objective/scores": score_sum / batch_size,
-                "objective/verifiable_correct_rate": correct_sum / batch_size,
-                "policy/approxkl_avg": approxkl / seen, "policy/clipfrac_avg": pg_clip / seen,
-                "policy/entropy_avg": entropy_sum / n_valid, "loss/policy_avg": pg / seen, "loss/value_avg": vf / seen,
-                "val/clipfrac_avg": vf_clip / seen, "val/ratio": ratio / seen, "val/num_eos_tokens": ended_sum,
-                "completions/mean_length": n_valid / batch_size, "grad_norm": policy_norm / run.world,
-                "value_grad_norm": value_norm / run.world, "learning_rate": lrs[0], "value_learning_rate": lrs[1],
-                "episode": (index + 1) * batch_size, "perf/time_generation": r["t_generation"],
-                "perf/rollout_tokens_per_second": n_valid / r["t_generation"],
+                "objective/kl": sums["kl"] / batch_size, "objective/entropy": sums["neg_logp"] / batch_size,
+                "objective/non_score_reward": sums["non_score_reward"] / batch_size,
+                "objective/rlhf_reward": (sums["non_score_reward"] + sums["score"]) / batch_size,
+                "objective/scores": sums["score"] / batch_size,
+                "objective/verifiable_correct_rate": sums["verified"] / batch_size,
+                "policy/approxkl_avg": sums["approx_kl"] / seen, "policy/clipfrac_avg": sums["policy_clipped"] / seen,
+                "policy/entropy_avg": sums["entropy"] / sums["completion_tokens"],
+                "loss/policy_avg": sums["policy_loss"] / seen, "loss/value_avg": sums["value_loss"] / seen,
+                "val/clipfrac_avg": sums["value_clipped"] / seen, "val/ratio": sums["ratio"] / seen,
+                "val/num_eos_tokens": sums["ended"], "completions/mean_length": sums["completion_tokens"] / batch_size,
+                "grad_norm": sums["grad_norm"] / run.world, "value_grad_norm": sums["value_grad_norm"] / run.world,
+                "learning_rate": lrs[0], "value_learning_rate": lrs[1], "episode": (index + 1) * batch_size,
+                "perf/time_generation": r["t_generation"],
+                "perf/rollout_tokens_per_second": sums["completion_tokens"] / r["t_generation"],
                 "perf/time_training": now - t_train, "perf/time_step": now - t0,
-                **throughput(run, policy, n_tokens * args.num_ppo_epochs, batch_size * args.num_ppo_epochs,
+                **throughput(run, policy, sums["tokens"] * args.num_ppo_epochs, batch_size * args.num_ppo_epochs,
                              now - t_train),
-                # the sampler's log-probs against the trainer's, as TRL names them
-                "sampling/sampling_logp_difference/mean": difference_sum / n_valid,
-                "sampling/sampling_logp_difference/max": max_difference,
-                "sampling/importance_sampling_ratio/min": -min_weight,
-                "sampling/importance_sampling_ratio/mean": weight_sum / n_weights,
-                "sampling/importance_sampling_ratio/max": max_weight}
+                **sampling_metrics(sums)}
             warn_without_signal(run, stuck, {
                 f"every completion of the last {PATIENCE} rollouts was cut at --max_completion_len "
                 f"{args.max_completion_len} before its end-of-turn token: raise it, or train the model to end its "
-                "answers first (SFT)": ended_sum == 0,
-                f"every completion of the last {PATIENCE} rollouts had the same score ({max_score:g}): raise "
-                "--temperature, or use prompts the model sometimes solves": max_score == -min_score})
+                "answers first (SFT)": sums["ended"] == 0,
+                f"every completion of the last {PATIENCE} rollouts had the same score ({sums['score_max']:g}): raise "
+                "--temperature, or use prompts the model sometimes solves": sums["score_max"] == sums["score_min"]})
             if evals and every(args.eval_every, step, updates):
                 metrics |= evaluate()
                 evaluated = step
@@ -930,6 +934,17 @@ def split_largest(chunks, n):
         k = max(range(len(chunks)), key=lambda k: len(chunks[k]))
         chunks[k:k + 1] = [chunks[k][:len(chunks[k]) // 2], chunks[k][len(chunks[k]) // 2:]]
     return chunks
+
+
+def rank_micro_batches(items, tokens, per_device, max_tokens, device, fillers=()):
+    """This rank's items (completion indices, in order) cut into micro-batches (chunks_of) such that every rank
+    runs as many as the busiest (FSDP's collectives: each forward and backward needs every rank): the largest
+    are halved, then single `fillers` (items trained on without loss) are added where a rank has too few."""
+    chunks = chunks_of(items, tokens, per_device, max_tokens)
+    n_micro = torch.tensor(max(1, len(chunks)), device=device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    chunks = split_largest(chunks, int(n_micro))
+    return chunks + [[j] for j in fillers][:int(n_micro) - len(chunks)]
 
 
 def collate(sequences, packed, pad_id):
@@ -1391,6 +1406,73 @@ def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch
         score[1] += len(chunk)
     dist.all_reduce(score)
     return (score[0] / score[1]).item()
+
+
+class Totals:
+    """A step's statistics by name, accumulated over this rank's micro-batches, then reduced over all ranks
+    (this process alone outside a process group): sums (add), maxima (max) and minima (min), with one
+    all_reduce for the sums and one for the extremes. Every rank adds the same names."""
+
+    def __init__(self, device):
+        self.device, self.sums, self.extremes, self.signs = device, {}, {}, {}  # a minimum is a negated maximum
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + self.float64(value)
+
+    def max(self, **values):
+        self.extreme(1.0, values)
+
+    def min(self, **values):
+        self.extreme(-1.0, values)
+
+    def extreme(self, sign, values):
+        for name, value in values.items():
+            value, self.signs[name] = sign * self.float64(value), sign
+            self.extremes[name] = torch.maximum(self.extremes[name], value) if name in self.extremes else value
+
+    def float64(self, value):
+        return (value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)).to(self.device,
+                                                                                                torch.float64)
+
+    def reduce(self):
+        """{name: float} over all ranks; reading them waits for the device, so only logged steps call it."""
+        reduced = {}
+        for values, op in ((self.sums, dist.ReduceOp.SUM), (self.extremes, dist.ReduceOp.MAX)):
+            if values:
+                names = sorted(values)
+                packed = torch.stack([values[name] for name in names])
+                if dist.is_initialized():
+                    dist.all_reduce(packed, op=op)
+                reduced |= dict(zip(names, packed.tolist()))
+        return {name: value * self.signs.get(name, 1.0) for name, value in reduced.items()}
+
+
+def sampler_mismatch(totals, old_logp, sampler_logp, correction, lengths, sequence_level):
+    """Adds a micro-batch's sampler-trainer mismatch to totals, for sampling_metrics: |old_logp - sampler_logp|
+    per token (old_logp: the trainer's log-probs of the rollout), and the correction's weights (without a
+    correction, the raw ratios), per completion in the sequence modes (lengths: the completions' token counts,
+    the tokens consecutive), else per token."""
+    if correction is None:
+        weights = torch.exp(old_logp - sampler_logp)
+    else:
+        weights = correction[(lengths.cumsum(0) - lengths)[lengths > 0]] if sequence_level else correction
+    difference, weights = (old_logp - sampler_logp).abs().double(), weights.double()
+    totals.add(logp_difference=difference.sum(), logp_tokens=len(difference), weight=weights.sum(),
+               weights=len(weights))
+    empty = not len(difference)  # a micro-batch without loss tokens (FSDP's filler)
+    totals.max(logp_difference_max=-math.inf if empty else difference.max(),
+               weight_max=-math.inf if empty else weights.max())
+    totals.min(weight_min=math.inf if empty else weights.min())
+
+
+def sampling_metrics(sums):
+    """TRL's sampling/* metrics from the reduced totals of sampler_mismatch."""
+    return {"sampling/sampling_logp_difference/mean": sums["logp_difference"] / sums["logp_tokens"],
+            "sampling/sampling_logp_difference/max": sums["logp_difference_max"],
+            "sampling/importance_sampling_ratio/min": sums["weight_min"],
+            "sampling/importance_sampling_ratio/mean": sums["weight"] / sums["weights"],
+            "sampling/importance_sampling_ratio/max": sums["weight_max"]}
 
 
 # logged steps in a row without a learning signal after which a run says so

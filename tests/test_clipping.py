@@ -100,7 +100,7 @@ def test_ppo_policy_and_value_gradients_on_and_off_the_clip_bounds(cliprange):
         expected = 0.0 if vf_clipped else vf_coef * (v - ret) / n_tokens
         assert values.grad[i].item() == pytest.approx(expected, abs=1e-12), (v, ret)
     pg_clipfrac = sum(binds(r, a, 1 - cliprange, 1 + cliprange) for r, a in CASES)
-    assert stats[2].item() == pg_clipfrac
+    assert stats["policy_clipped"].item() == pg_clipfrac
     expected_loss = sum(max(-a * r, -a * min(max(r, 1 - cliprange), 1 + cliprange)) for r, a in CASES) / n_tokens
     expected_loss += vf_coef * sum(0.5 * max((v - t) ** 2, (min(max(v, -cliprange), cliprange) - t) ** 2)
                                    for v, t in zip(values.tolist(), returns.tolist())) / n_tokens

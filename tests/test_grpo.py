@@ -167,6 +167,20 @@ def test_bad_rows_name_the_row():
             grpo.check_rl_row(bad, "row 3")
 
 
+def test_top_p_with_a_sequence_correction_warns_at_start(tmp_path, capsys):
+    """With top-p < 1 every token's correction weight is below 1, so a sequence-level weight shrinks with the
+    completion's length: the run says so once, before anything heavy, and not for per-token modes."""
+    for top_p, mode, warned in ((0.9, "sequence_mask", True), (0.9, "sequence_truncate", True),
+                                (0.9, "token_truncate", False), (1.0, "sequence_mask", False)):
+        grpo.check_args(grpo.Args(model=TINY, output_dir=str(tmp_path / "out"), top_p=top_p, sampler_correction=mode))
+        out = capsys.readouterr().out
+        if warned:
+            assert out.count("WARNING") == 1 and f"--top_p {top_p} with --sampler_correction {mode}" in out, out
+            assert "use token_truncate or token_mask" in out
+        else:
+            assert not out, (top_p, mode, out)
+
+
 def test_malformed_row_stops_the_run_before_compute(tmp_path, sft_demo_checkpoint):
     rows = [{"messages": [{"role": "user", "content": "What is 1 + 1?"}], "ground_truth": "2", "dataset": "gsm8k"}] * 9
     rows[5] = {**rows[5], "ground_truth": "no answer"}

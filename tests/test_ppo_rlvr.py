@@ -108,10 +108,11 @@ def test_ppo_loss_by_hand_and_global_normalization():
     # vf: 0.5 max((V-R)^2, (Vclip-R)^2), Vclip in [-0.2, 0.2]: 0.5*0.81, 0.5*max(0.25,0.64), 0.5*max(2.25,1.44), 0.5*1
     vf = [0.405, 0.32, 1.125, 0.5]
     assert loss.item() == pytest.approx(sum(p + 0.5 * v for p, v in zip(pg, vf)) / 4, abs=1e-6)
-    assert stats[0].item() == pytest.approx(sum(pg), abs=1e-6) and stats[1].item() == pytest.approx(sum(vf), rel=1e-6)
-    assert stats[2].item() == 2  # the clipped term is the larger loss on tokens 1 and 2
-    assert stats[3].item() == 1  # value clipped on token 1 only
-    assert stats[5].item() == pytest.approx(1.1 + 1.5 + 0.5 + 1.5, rel=1e-6)
+    assert stats["policy_loss"].item() == pytest.approx(sum(pg), abs=1e-6)
+    assert stats["value_loss"].item() == pytest.approx(sum(vf), rel=1e-6)
+    assert stats["policy_clipped"].item() == 2  # the clipped term is the larger loss on tokens 1 and 2
+    assert stats["value_clipped"].item() == 1  # value clipped on token 1 only
+    assert stats["ratio"].item() == pytest.approx(1.1 + 1.5 + 0.5 + 1.5, rel=1e-6)
 
     torch.manual_seed(0)
     shape = (6, 5)
