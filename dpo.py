@@ -19,7 +19,7 @@ one batch. Dropout is off, so the policy's first log-probs are the reference's.
 References: Rafailov et al. 2023 (DPO); Azar et al. 2023 (IPO); Mitchell 2023 (cDPO);
 Meng et al. 2024 (SimPO); Lambert et al. 2024 (Tulu 3, dpo_norm and its hyperparameters).
 
-    python sft.py && python dpo.py                 # the built-in demo: SFT, then DPO on its output
+    python dpo.py                                  # the demo: DPO on `python pipeline.py`'s SFT model, CPU ok
     torchrun --nproc_per_node 8 dpo.py --model <sft checkpoint> \\
         --dataset allenai/llama-3.1-tulu-3-8b-preference-mixture --loss_type dpo_norm --beta 5 \\
         --lr 5e-7 --max_seq_len 2048 --per_device_batch_size 1 --grad_accum_steps 16 \\
@@ -83,8 +83,8 @@ class Args:
     """where the reference log-probs are cached, shared by runs of the same reference and data (None: --output_dir)"""
 
     # common flags: the same names, in the same order, in every script
-    model: str = "runs/sft/final"
-    """policy to start from: hub id or local dir (the demo: what `python sft.py` writes)"""
+    model: str = "runs/pipeline/sft/final"
+    """policy to start from: hub id or local dir (the demo: the SFT model that `python pipeline.py` writes)"""
     dataset: str = "data/dpo_train.jsonl"
     """hub id or local .jsonl/.parquet: `chosen` + `rejected` conversations sharing the prompt, or
     `prompt` + `chosen` + `rejected` (TRL's format; plain strings become a user and an assistant turn)"""
@@ -464,14 +464,14 @@ def names_local_path(name):
 
 
 def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+    """What to pass for a missing --model: the demo's checkpoints of these stages that exist (`python
+    pipeline.py` writes runs/pipeline/sft/final, ...; `python sft.py` runs/sft/final, ...), or how to make them."""
+    found = [path for stage in stages for path in (f"runs/pipeline/{stage}/final", f"runs/{stage}/final")
              if os.path.isdir(path)]
     if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
+        return f"; found {', '.join(found)}: pass {'it' if len(found) == 1 else 'one of them'} with --model"
+    return (f"; `python pipeline.py` writes the demo's checkpoints (runs/pipeline/{stages[0]}/final, ...), "
+            f"`python {stages[0]}.py` writes runs/{stages[0]}/final")
 
 
 def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages=()):
@@ -620,6 +620,7 @@ class Run:
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
                             self.rank, rollout, self.args.save_total_limit)
         if stop.item():
+            self.bar.close()  # ends the progress bar's line: the message gets a line of its own
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
                       "exiting (--resume continues from it)", flush=True)
@@ -949,6 +950,7 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
             weight_map[name] = file
         if rank == 0:
             save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, file), file_mode())  # safetensors writes 0600, unreadable to the group
     if rank == 0:
         if len(files) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -968,6 +970,13 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()
+
+
+def file_mode():
+    """The permissions open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ MATH accuracy as their papers report it) and, for IFEval rows, IFEval's four num
 and instruction-level accuracy, strict and loose. Writes every prompt, completion and score to a
 jsonl file. Generation is the RL scripts' own (the same sample() below the banner).
 
-    python eval.py                                              # runs/sft/final on the demo's test split
-    python eval.py --model runs/pipeline/grpo/final             # a checkpoint of `python pipeline.py`
+    python eval.py                                              # the demo's GRPO model (`python pipeline.py`)
+    python eval.py --model runs/pipeline/sft/final              # another checkpoint, e.g. the demo's SFT model
     torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
         --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --max_completion_len 1024 \\
         --temperature 0.6 --num_samples 8
@@ -56,11 +56,13 @@ class Args:
     """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step compiled
     once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
     output: str | None = None
-    """jsonl of prompts, completions and scores (None: eval_<dataset name>.jsonl beside a local model)"""
+    """jsonl of every prompt, completion and score (None: runs/eval/<model>__<dataset>.jsonl in the working
+    directory, each path's parts joined by "-"); evaluation writes nothing into the model's directory"""
 
     # common flags: the same names, in the same order, in every script
-    model: str = "runs/sft/final"
-    """hub id or local Hugging Face checkpoint (e.g. output_dir/final of any script)"""
+    model: str = "runs/pipeline/grpo/final"
+    """hub id or local Hugging Face checkpoint (e.g. output_dir/final of any script; the demo: the GRPO model that
+    `python pipeline.py` writes)"""
     dataset: str = "data/test.jsonl"
     """hub id or local .jsonl/.parquet with messages, ground_truth, dataset columns"""
     dataset_split: str = "test"
@@ -94,7 +96,7 @@ def check_args(args):
         raise InputError("--num_samples > 1 needs --temperature > 0 (greedy gives the same completion)")
     if names_local_path(args.model) and not os.path.isdir(args.model):
         raise InputError(f"--model {args.model}: no such directory"
-                         f"{demo_checkpoints_hint(['sft', 'dpo', 'grpo', 'ppo'])}")
+                         f"{demo_checkpoints_hint(['grpo', 'ppo', 'dpo', 'sft'])}")
     if names_local_path(args.dataset) and not os.path.exists(args.dataset):
         raise InputError(f"--dataset {args.dataset}: no such file or directory")
 
@@ -198,12 +200,23 @@ def summarize(records, num_samples):
     return summary
 
 
+def records_path(model, dataset):
+    """Where the per-row records go without --output: runs/eval/<model>__<dataset>.jsonl in the working
+    directory, named after both (their paths' parts joined by "-", a data file's suffix dropped), never into
+    the model's directory, which may be read-only or shared."""
+    def name(path):
+        return "-".join(part for part in os.path.normpath(path).split(os.sep) if part not in ("", ".", ".."))
+
+    for suffix in (".jsonl", ".json", ".parquet"):
+        dataset = dataset.removesuffix(suffix)
+    return os.path.join("runs", "eval", f"{name(model)}__{name(dataset)}.jsonl")
+
+
 def main(args):
     summary, records = evaluate(args)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        split_name = os.path.splitext(os.path.basename(args.dataset))[0]
-        output = args.output or (os.path.join(args.model, f"eval_{split_name}.jsonl") if os.path.isdir(args.model)
-                                 else "eval.jsonl")
+        output = args.output or records_path(args.model, args.dataset)
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
         with open(output, "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -236,14 +249,14 @@ def names_local_path(name):
 
 
 def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+    """What to pass for a missing --model: the demo's checkpoints of these stages that exist (`python
+    pipeline.py` writes runs/pipeline/sft/final, ...; `python sft.py` runs/sft/final, ...), or how to make them."""
+    found = [path for stage in stages for path in (f"runs/pipeline/{stage}/final", f"runs/{stage}/final")
              if os.path.isdir(path)]
     if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
+        return f"; found {', '.join(found)}: pass {'it' if len(found) == 1 else 'one of them'} with --model"
+    return (f"; `python pipeline.py` writes the demo's checkpoints (runs/pipeline/{stages[0]}/final, ...), "
+            f"`python {stages[0]}.py` writes runs/{stages[0]}/final")
 
 
 def load_tokenizer(name):

@@ -21,7 +21,7 @@ Like Training"); Yu et al. 2025 (DAPO); Zheng et al. 2025 (GSPO); MiniMax 2025 (
 al. 2025 ("Your efficient RL framework secretly brings you off-policy RL training", TIS); Schulman 2020
 (k3 KL estimator); Lambert et al. 2024 (Tulu 3 RLVR).
 
-    python sft.py && python grpo.py                # the built-in demo: SFT, then GRPO, CPU ok
+    python grpo.py                                 # the demo: GRPO from `python pipeline.py`'s DPO model, CPU ok
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-1.5B \\
         --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --eval_dataset None --lr 1e-6 \\
         --max_prompt_len 512 --max_completion_len 1024 --num_generations 8 --per_device_batch_size 8 \\
@@ -120,8 +120,8 @@ class Args:
     compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
 
     # common flags: the same names, in the same order, in every script
-    model: str = "runs/sft/final"
-    """hub id or local dir of the starting policy (the demo: sft.py's output)"""
+    model: str = "runs/pipeline/dpo/final"
+    """hub id or local dir of the starting policy (the demo: the DPO model that `python pipeline.py` writes)"""
     dataset: str = "data/rl_train.jsonl"
     """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier name)"""
     dataset_split: str = "train"
@@ -419,7 +419,7 @@ def check_args(args):
         raise InputError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
                          f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
     check_common_args(args, at_least_one=["max_prompt_len", "max_completion_len", "num_iterations"],
-                      positive=["temperature"], demo_stages=["sft", "dpo"])
+                      positive=["temperature"], demo_stages=["dpo", "sft"])
     if args.top_p < 1 and args.sampler_correction.startswith("sequence") and os.environ.get("RANK", "0") == "0":
         print(f"WARNING: --top_p {args.top_p} with --sampler_correction {args.sampler_correction}: the sampler draws "
               "from the renormalized nucleus, so every token's weight exp(trainer - sampler) is below 1 and a "
@@ -543,14 +543,14 @@ def names_local_path(name):
 
 
 def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+    """What to pass for a missing --model: the demo's checkpoints of these stages that exist (`python
+    pipeline.py` writes runs/pipeline/sft/final, ...; `python sft.py` runs/sft/final, ...), or how to make them."""
+    found = [path for stage in stages for path in (f"runs/pipeline/{stage}/final", f"runs/{stage}/final")
              if os.path.isdir(path)]
     if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
+        return f"; found {', '.join(found)}: pass {'it' if len(found) == 1 else 'one of them'} with --model"
+    return (f"; `python pipeline.py` writes the demo's checkpoints (runs/pipeline/{stages[0]}/final, ...), "
+            f"`python {stages[0]}.py` writes runs/{stages[0]}/final")
 
 
 def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages=()):
@@ -699,6 +699,7 @@ class Run:
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
                             self.rank, rollout, self.args.save_total_limit)
         if stop.item():
+            self.bar.close()  # ends the progress bar's line: the message gets a line of its own
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
                       "exiting (--resume continues from it)", flush=True)
@@ -1039,6 +1040,7 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
             weight_map[name] = file
         if rank == 0:
             save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, file), file_mode())  # safetensors writes 0600, unreadable to the group
     if rank == 0:
         if len(files) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -1058,6 +1060,13 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()
+
+
+def file_mode():
+    """The permissions open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,11 +147,11 @@ def figure(output_dir, stages, accuracies, carry_accuracies):
                                          color=f"C{len(lines)}")
             y_axis.set_ylabel(ylabel, fontsize=9)
             y_axis.tick_params(labelsize=8)
-            low, high = y_axis.get_ylim()
-            y_axis.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the curves
-        y_axis.legend(handles=lines, fontsize=7, loc="best")  # on the top axis: no curve is drawn over it
         ax.set_title(stage.upper(), fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
+        ax.set_xlabel("step", fontsize=9, labelpad=1)
+        # below the panel, clear of every curve on either y-axis
+        ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False,
+                  handlelength=1.5, columnspacing=1)
     for shift, values, color, label in ((-0.2, accuracies, "tab:green", "all"),
                                         (0.2, carry_accuracies, "tab:orange", "carry problems")):
         xs = [i + shift for i in range(len(stages))]
@@ -161,9 +161,9 @@ def figure(output_dir, stages, accuracies, carry_accuracies):
     axes[-1].set_xticks(range(len(stages)), list(stages))
     axes[-1].set_title("held-out accuracy", fontsize=10)
     axes[-1].set_ylabel("greedy accuracy", fontsize=9)
-    axes[-1].set_ylim(0, 1.1)
+    axes[-1].set_ylim(0, 1.3)  # bars up to 1 and their labels; the legend above them
     axes[-1].tick_params(labelsize=8)
-    axes[-1].legend(fontsize=7, loc="upper left")
+    axes[-1].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     return fig
 

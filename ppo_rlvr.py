@@ -34,7 +34,7 @@ References: Schulman et al. 2017 (PPO); Schulman et al. 2016 (GAE); Ouyang et al
 (InstructGPT); Huang et al. 2024 (The N Implementation Details of RLHF with PPO); Lambert et al.
 2024 (Tulu 3, RLVR); Yao et al. 2025 (truncated importance sampling).
 
-    python ppo_rlvr.py --model runs/sft/final      # the built-in demo: tiny model, data/, CPU ok
+    python ppo_rlvr.py                             # the demo: PPO from `python pipeline.py`'s DPO model, CPU ok
     torchrun --nproc_per_node 8 ppo_rlvr.py --model <dpo checkpoint> \\
         --dataset allenai/RLVR-GSM-MATH-IF-Mixed-Constraints --beta 0.05 --lr 3e-7 \\
         --max_prompt_len 2048 --max_completion_len 2048 --temperature 1.0 --per_device_batch_size 2 \\
@@ -135,8 +135,8 @@ class Args:
     """prompts per greedy generation call in eval"""
 
     # common flags: the same names, in the same order, in every script
-    model: str = "runs/dpo/final"
-    """policy to start from (hub id or local dir); the demo chain writes runs/sft/final, then runs/dpo/final"""
+    model: str = "runs/pipeline/dpo/final"
+    """policy to start from: hub id or local dir (the demo: the DPO model that `python pipeline.py` writes)"""
     dataset: str = "data/rl_train.jsonl"
     """hub id or local .jsonl/.parquet with `messages` (the prompt), `ground_truth` and `dataset` (verifier)"""
     dataset_split: str = "train"
@@ -618,14 +618,14 @@ def names_local_path(name):
 
 
 def demo_checkpoints_hint(stages):
-    """What to pass for a missing --model: the demo's checkpoints that exist (`python sft.py` writes
-    runs/sft/final, `python pipeline.py` runs/pipeline/sft/final, ...), or how to make the first."""
-    found = [path for stage in stages for path in (f"runs/{stage}/final", f"runs/pipeline/{stage}/final")
+    """What to pass for a missing --model: the demo's checkpoints of these stages that exist (`python
+    pipeline.py` writes runs/pipeline/sft/final, ...; `python sft.py` runs/sft/final, ...), or how to make them."""
+    found = [path for stage in stages for path in (f"runs/pipeline/{stage}/final", f"runs/{stage}/final")
              if os.path.isdir(path)]
     if found:
-        return f"; found {', '.join(found)}: pass one of them with --model"
-    return (f"; `python {stages[0]}.py` writes runs/{stages[0]}/final (run it first) and `python pipeline.py` "
-            f"runs/pipeline/{stages[0]}/final")
+        return f"; found {', '.join(found)}: pass {'it' if len(found) == 1 else 'one of them'} with --model"
+    return (f"; `python pipeline.py` writes the demo's checkpoints (runs/pipeline/{stages[0]}/final, ...), "
+            f"`python {stages[0]}.py` writes runs/{stages[0]}/final")
 
 
 def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages=()):
@@ -774,6 +774,7 @@ class Run:
                             {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
                             self.rank, rollout, self.args.save_total_limit)
         if stop.item():
+            self.bar.close()  # ends the progress bar's line: the message gets a line of its own
             if self.rank == 0:
                 print(f"{self.signals[0] if self.signals else 'a signal to another rank'}: saved step_{step}, "
                       "exiting (--resume continues from it)", flush=True)
@@ -1114,6 +1115,7 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
             weight_map[name] = file
         if rank == 0:
             save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, file), file_mode())  # safetensors writes 0600, unreadable to the group
     if rank == 0:
         if len(files) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -1133,6 +1135,13 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()
+
+
+def file_mode():
+    """The permissions open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------------------------------

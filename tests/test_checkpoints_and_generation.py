@@ -172,13 +172,20 @@ def check_final(final, dtype, source):
     assert widths == [5, 1, 1, 1, 1]
 
 
-def test_final_is_saved_in_the_source_dtype(tmp_path):
-    """An fp32 run (the CPU default) from a bf16 checkpoint writes bf16 weights, like the source."""
+def test_final_is_saved_in_the_source_dtype_readable_as_the_umask_says(tmp_path):
+    """An fp32 run (the CPU default) from a bf16 checkpoint writes bf16 weights, like the source; every file
+    of final/, the weights too (safetensors alone writes them 0600), has the permissions of the umask."""
     source = save_checkpoint(tmp_path / "source")
     out = tmp_path / "run"
-    run_script("sft.py", "--model", source, "--max_steps", 1, "--per_device_batch_size", 4, "--max_seq_len", 64,
-               "--eval_dataset", "None", "--output_dir", out)
+    umask = os.umask(0o027)  # inherited by the run: files rw for the owner, r for the group
+    try:
+        run_script("sft.py", "--model", source, "--max_steps", 1, "--per_device_batch_size", 4, "--max_seq_len", 64,
+                   "--eval_dataset", "None", "--output_dir", out)
+    finally:
+        os.umask(umask)
     check_final(out / "final", torch.bfloat16, source)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (out / "final").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o640"}, modes
 
 
 @pytest.fixture(scope="module")

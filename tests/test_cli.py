@@ -7,6 +7,7 @@ flags as the docs do; the demo's --model defaults say which checkpoint to pass w
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,19 +102,26 @@ def test_flags_and_paths_are_checked_first(script, tmp_path, monkeypatch):
         module.check_args(module.Args(**fresh, overwrite_output_dir=True, resume=True))
 
 
-@pytest.mark.parametrize("script,stage", [("dpo.py", "sft"), ("grpo.py", "sft"), ("ppo_rlvr.py", "dpo"),
-                                          ("eval.py", "sft")])
+@pytest.mark.parametrize("script,stage", [("dpo.py", "sft"), ("grpo.py", "dpo"), ("ppo_rlvr.py", "dpo"),
+                                          ("eval.py", "grpo")])
 def test_a_missing_default_model_says_which_checkpoint_to_pass(script, stage, tmp_path, monkeypatch):
-    """The defaults chain from `python sft.py` (runs/sft/final); after `python pipeline.py` the
-    checkpoints are under runs/pipeline/, and the error names the ones that exist."""
+    """Each script starts, by default, from the checkpoint that `python pipeline.py` writes for the stage
+    before it (runs/pipeline/<stage>/final), so that the README's commands run after the pipeline; where it
+    is missing, the error says how to make it, or names the demo checkpoints that exist."""
     module = {**TRAINERS, "eval.py": evaluation}[script]
+    assert module.Args().model == f"runs/pipeline/{stage}/final"
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(module.InputError, match=f"--model runs/{stage}/final: no such directory; `python {stage}.py` "
-                                                f"writes runs/{stage}/final"):
+    with pytest.raises(module.InputError, match=re.escape(
+            f"--model runs/pipeline/{stage}/final: no such directory; `python pipeline.py` writes the demo's "
+            f"checkpoints (runs/pipeline/{stage}/final, ...), `python {stage}.py` writes runs/{stage}/final")):
         module.check_args(module.Args())
-    (tmp_path / "runs" / "pipeline" / stage / "final").mkdir(parents=True)
-    with pytest.raises(module.InputError, match=f"found runs/pipeline/{stage}/final: pass one of them with --model"):
+    (tmp_path / "runs" / stage / "final").mkdir(parents=True)
+    with pytest.raises(module.InputError, match=f"; found runs/{stage}/final: pass it with --model$"):
         module.check_args(module.Args())
+    (tmp_path / "runs" / "sft" / "final").mkdir(parents=True, exist_ok=True)
+    if stage != "sft":  # a script whose stage follows DPO also names SFT checkpoints, after DPO's
+        with pytest.raises(module.InputError, match=f"; found runs/{stage}/final, runs/sft/final: pass one of them"):
+            module.check_args(module.Args())
 
 
 def test_eval_checks_its_flags():
@@ -154,18 +162,21 @@ def test_ctrl_c_saves_a_resumable_checkpoint(script, tmp_path):
         model += ["--dataset", str(write_jsonl(tmp_path / "pairs.jsonl", pairs))]
     cmd = [sys.executable, script, *model, "--eval_dataset", "None", "--max_steps", "100000", "--output_dir", str(out),
            *map(str, QUICK[script])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # stdout and stderr (the progress bar's) in one stream, as a terminal shows them
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and \
             not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    output, _ = proc.communicate(timeout=300)
     # saved, then the shell's status of a run ended by SIGINT: 128 + 2
-    assert proc.returncode == 130 and "Ctrl-C: saving a checkpoint after this step" in stdout, stderr[-3000:]
+    assert proc.returncode == 130 and "\nCtrl-C: saving a checkpoint after this step" in output, output[-3000:]
     saved = [p.name for p in out.glob("step_*")]
-    assert len(saved) == 1 and f"SIGINT: saved {saved[0]}, exiting (--resume continues from it)" in stdout, saved
+    # on a line of its own, not after the progress bar's
+    assert len(saved) == 1 and f"\nSIGINT: saved {saved[0]}, exiting (--resume continues from it)" in output, \
+        (saved, output[-3000:])
     assert (out / saved[0] / "trainer_state.json").exists()
 
 

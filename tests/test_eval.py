@@ -84,6 +84,21 @@ def test_two_ranks_match_one_and_scores_align_with_rows(random_checkpoint, tmp_p
     assert last_json(proc_two.stdout)["accuracy"] == pytest.approx(sum(r["scores"][0] for r in two) / 12)
 
 
+def test_records_go_to_the_working_directory_not_into_the_model(random_checkpoint, tmp_path):
+    """Evaluating changes nothing in the model's directory (it may be read-only or shared): without --output
+    the records go under the working directory, named after the model and the dataset."""
+    before = sorted(p.name for p in random_checkpoint.iterdir())
+    dataset = ROOT / "data" / "test.jsonl"
+    proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", dataset, "--max_rows", 4,
+                      "--max_completion_len", 4, cwd=tmp_path)
+    assert sorted(p.name for p in random_checkpoint.iterdir()) == before
+    written, = (tmp_path / "runs" / "eval").iterdir()
+    assert written.name == f"{str(random_checkpoint).strip('/').replace('/', '-')}__" \
+                           f"{str(dataset.with_suffix('')).strip('/').replace('/', '-')}.jsonl"
+    assert f"wrote {written.relative_to(tmp_path)}" in proc.stdout
+    assert [json.loads(line)["index"] for line in open(written)] == [0, 1, 2, 3]
+
+
 def test_completions_end_at_the_first_stop_token_or_are_cut_at_max_completion_len(random_checkpoint):
     """sample's completions against the same sampling (same seed) with no stop token: a completion ends at
     the first stop token in it, else it is cut at --max_completion_len."""

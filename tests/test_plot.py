@@ -69,6 +69,26 @@ def test_every_curve_has_its_own_labelled_axis(run_dir):
     assert [bar.get_height() for bar in panels["held-out accuracy"].patches[:4]] == [0.72, 0.69, 0.77, 0.77]
 
 
+def test_no_legend_covers_a_curve_or_a_bar(run_dir):
+    """Each panel's legend sits clear of everything drawn in it: the curves of both y-axes, their tick
+    labels, and the bars with their labels, at held-out accuracies up to 100%."""
+    out, _ = run_dir
+    fig = pipeline.figure(str(out), STAGES, dict.fromkeys(STAGES, 1.0), dict.fromkeys(STAGES, 0.95))
+    renderer = fig.canvas.get_renderer()
+    for ax in (ax for ax in fig.axes if ax.get_title()):
+        twins = [other for other in fig.axes if other is not ax and ax.get_shared_x_axes().joined(ax, other)]
+        legend = next(axis.get_legend() for axis in [ax] + twins if axis.get_legend())
+        box = legend.get_window_extent(renderer)
+        for axis in [ax] + twins:
+            for line in axis.get_lines():
+                points = axis.transData.transform(line.get_xydata())
+                assert not any(box.contains(x, y) for x, y in points), (ax.get_title(), line.get_label())
+            for artist in axis.patches + axis.texts:
+                assert not box.overlaps(artist.get_window_extent(renderer)), (ax.get_title(), artist)
+        if ax.get_lines():  # a panel of curves: its legend is outside the plotting area
+            assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+
+
 def test_plot_writes_a_png_that_reads_at_a_readmes_width(run_dir):
     """About 900 pixels wide (a README shows it at about that width, so its text stays legible), in two
     rows of three panels."""
