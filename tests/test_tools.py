@@ -330,6 +330,7 @@ def test_a_rollout_concatenation_is_the_templates_rendering(tokenizer):
     for i in turns:
         before = tokenizer.apply_chat_template(TWO_CALLS[:i], tools=fns, tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(TWO_CALLS[:i + 1], tools=fns, tokenize=False)
+        assert through.startswith(before) and full.startswith(through)  # prefix-stable, as sft.py needs
         turn_text = through[len(before):].removesuffix("<|im_end|>\n")  # what the model writes
         ids += tokenizer(turn_text, add_special_tokens=False).input_ids + [end_of_turn]
         calls = parse_tool_calls(turn_text)

@@ -212,7 +212,7 @@ def isolate(workdir, limits):
     for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # empty, and read-only like the rest below
         if os.path.isdir(shared):
             mount("tmpfs", shared, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-    os.makedirs(workdir, exist_ok=True)  # in the new /tmp, where it is
+    os.makedirs(workdir, exist_ok=True)  # its path again, in the new /tmp if it was in the old one
     attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
     if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
         isolation.protections.append("read-only filesystem")
@@ -240,7 +240,8 @@ def reach_interpreter():
     """Makes the interpreter and its libraries reachable for any user: each directory on their paths that
     others may not enter (/root of a venv in /root) is covered by an empty tmpfs into which only the
     interpreter's directories are bound. Everything else in it stays out of sight."""
-    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))})
+    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} |
+                    {os.path.dirname(os.path.realpath(sys.executable))})
     needed = [p for p in needed if not any(p.startswith(q + os.sep) for q in needed)]
     covers = {}
     for path in needed:
