@@ -4,6 +4,7 @@ the sandbox from this process (as root: all the isolations), from an unprivilege
 namespaces instead of root's user ids) and from a caller that can create no namespaces (the limits
 alone); tests/sandbox_caller.py makes those callers. Network tests use loopback only."""
 
+import ctypes
 import json
 import os
 import secrets
@@ -244,6 +245,25 @@ def test_the_training_processs_environment_stays_out(caller):
         assert found == "["
     else:  # the program runs as the caller and sees its processes, and the sandbox says so
         assert {"pid namespace", "unprivileged user"} <= missing_names(result)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_shared_memory_does_not_outlive_the_program(caller):
+    """A SysV shared memory segment, which outlives the process that made it, dies with the program's IPC
+    namespace."""
+    key = secrets.randbelow(2 ** 30) + 1
+    code = ("import ctypes\n"
+            f"print(ctypes.CDLL(None).shmget({key}, 1 << 20, 0o1000 | 0o600) >= 0)\n")  # IPC_CREAT
+    result = sandboxed(code, caller)
+    segments = {int(line.split()[0]): int(line.split()[1])  # key: id
+                for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]}
+    if key in segments:
+        ctypes.CDLL(None).shmctl(segments[key], 0, None)  # IPC_RMID
+    assert result.output == "True\n"
+    if "ipc namespace" in result.protections:
+        assert key not in segments
+    else:
+        assert "ipc namespace" in missing_names(result)
 
 
 def test_a_launcher_that_fails_or_hangs_gives_an_error_result(monkeypatch, tmp_path):

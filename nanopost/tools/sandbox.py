@@ -11,7 +11,7 @@ a training process has threads (torch, CUDA, data loading), and forking a thread
 deadlock the child.
 
 What the launcher applies, by what it may do (SandboxResult.protections and .missing say which):
-- as root: new network, mount and pid namespaces; private empty tmpfs over /tmp, /var/tmp and
+- as root: new network, mount, pid and IPC namespaces; private empty tmpfs over /tmp, /var/tmp and
   /dev/shm, a /dev of null, zero, full, random and urandom alone, a /proc of the sandbox's own
   processes, everything else mounted read-only, and the program's directory a tmpfs of at most
   limits.disk_bytes; then the program runs as a user id of its own (no account: UID_BASE + the
@@ -76,7 +76,7 @@ class SandboxResult:
 
 
 # what SandboxResult.protections may name: the isolations that come with the namespaces, and root's
-NAMESPACED = ("network namespace", "pid namespace", "mount namespace", "read-only filesystem")
+NAMESPACED = ("network namespace", "pid namespace", "ipc namespace", "mount namespace", "read-only filesystem")
 ISOLATIONS = NAMESPACED + ("unprivileged user",)
 # user ids of sandboxed programs as root: one per launcher, above the ranges that distributions and
 # systemd allocate (systemd's container range ends at 0x6FFFFFFF); pids stay below 2**22
@@ -128,7 +128,8 @@ def report() -> str:
 # ---------------------------------------------------------------------------------------------
 # The launcher: runs as `python -I -S sandbox.py`, reads the request on stdin, answers on stdout.
 
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1  # the same on every arch
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
@@ -198,7 +199,7 @@ def isolate(workdir, limits):
         isolation.missing += [f"{name}: {e}" for name in NAMESPACED]
         return isolation
     isolation.user_namespace = not root
-    isolation.protections += ["network namespace", "pid namespace"]
+    isolation.protections += ["network namespace", "pid namespace", "ipc namespace"]
     try:  # the first mount: where mounts are refused (a security module's policy), nothing has changed yet
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
     except OSError as e:
@@ -224,13 +225,15 @@ def isolate(workdir, limits):
 
 
 def enter_namespaces(root):
-    """New network, mount and pid namespaces (the pid namespace for the children); without root, inside a
-    new user namespace, which lets an unprivileged user create the others where the kernel allows it."""
+    """New network, mount, pid and IPC namespaces (the pid namespace for the children; SysV shared memory
+    and message queues die with the IPC namespace instead of outliving the program); without root, inside
+    a new user namespace, which lets an unprivileged user create the others where the kernel allows it."""
+    namespaces = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
     if root:
-        check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
+        check(libc.unshare(namespaces), "unshare")
         return
     user, group = os.getuid(), os.getgid()
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
+    check(libc.unshare(CLONE_NEWUSER | namespaces), "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{user} {user} 1"), ("gid_map", f"{group} {group} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
