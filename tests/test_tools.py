@@ -324,7 +324,8 @@ def test_a_rollout_concatenation_is_the_templates_rendering(tokenizer):
     rendering of the whole conversation, and each turn's calls parse back to the conversation's."""
     fns = [tools.get("calculator"), tools.get("python")]
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = tokenizer.apply_chat_template(TWO_CALLS[:2], tools=fns, add_generation_prompt=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(TWO_CALLS[:2], tools=fns, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
     full = tokenizer.apply_chat_template(TWO_CALLS, tools=fns, tokenize=False)
     turns = [i for i, m in enumerate(TWO_CALLS) if m["role"] == "assistant"]
     for i in turns:

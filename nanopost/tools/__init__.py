@@ -22,7 +22,7 @@ the decorator:
 """
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from transformers.utils import get_json_schema
 

@@ -16,8 +16,8 @@ what went wrong.
 import json
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Collection
 
 from nanopost import tools
 

@@ -3,7 +3,7 @@ parse_tool_calls reads, and the tokens it inserts between a model turn that call
 model's next turn (the tool results, rendered by the template, and the next turn's header).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from nanopost.tools.calls import ToolCall, parse_tool_calls
 
