@@ -6,6 +6,7 @@ sys.path, as it is for `python sft.py`."""
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,11 +45,11 @@ def test_transformers_model_classes_import_beside_nanopost():
     repo root first on sys.path that must still be theirs, and nanopost's packages import beside it."""
     out = python("import transformers\n"
                  "from transformers import AutoModelForCausalLM, Qwen2ForCausalLM\n"
-                 "from nanopost import verifiers\n"
+                 "from nanopost import tools, verifiers\n"
                  "from nanopost.kernels import linear_logprobs\n"
                  "from nanopost.kernels.packed_attention import packed_attention\n"
-                 "print(transformers.__version__, verifiers.names())", ROOT)
-    assert "gsm8k" in out
+                 "print(transformers.__version__, verifiers.names(), tools.names())", ROOT)
+    assert "gsm8k" in out and "calculator" in out
 
 
 def test_hf_kernels_is_the_kernel_hub_when_installed():
@@ -60,6 +61,13 @@ def test_hf_kernels_is_the_kernel_hub_when_installed():
         pytest.skip("Hugging Face's kernels is not installed (transformers < 5.25 does not require it)")
     out = python("import kernels; print(kernels.__file__, hasattr(kernels, 'get_kernel'))", ROOT)
     assert str(ROOT) not in out and out.split()[-1] == "True", out
+
+
+def test_every_package_is_in_the_distribution():
+    """pyproject.toml lists every package under nanopost/, so that a non-editable install has them all."""
+    listed = json.loads(re.search(r"^packages = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M).group(1))
+    found = [".".join(init.parent.relative_to(ROOT).parts) for init in ROOT.glob("nanopost/**/__init__.py")]
+    assert sorted(listed) == sorted(found)
 
 
 def test_the_distribution_installs_only_nanopost():
