@@ -58,6 +58,15 @@ class Args:
     output: str | None = None
     """jsonl of every prompt, completion and score (None: runs/eval/<model>__<dataset>.jsonl in the working
     directory, each path's parts joined by "-"); evaluation writes nothing into the model's directory"""
+    sft_output: str | None = None
+    """rejection sampling: write each prompt's best-scoring completion (of those that ended) as an SFT row
+    (`messages`) to this jsonl, which sft.py trains on as it is"""
+    sft_min_score: float | None = None
+    """with --sft_output: only prompts whose best score is at least this (1 with a verifier: a correct answer);
+    None: every prompt's best"""
+    pairs_output: str | None = None
+    """on-policy preference pairs: write each prompt's best and worst completions (of those that ended) as a
+    `chosen` / `rejected` pair to this jsonl where their scores differ, which dpo.py trains on as it is"""
 
     # common flags: the same names, in the same order, in every script
     model: str = "runs/pipeline/grpo/final"
@@ -152,7 +161,8 @@ def score(index, row, tokenizer, completions, ended):
     instruction's outcome in IFEval's strict and loose modes."""
     verify = verifiers.get(row["verifier"])
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    record = {"index": index, "prompt": tokenizer.decode(row["prompt_ids"]), "completions": texts, "ended": ended,
+    record = {"index": index, "prompt": tokenizer.decode(row["prompt_ids"]), "messages": row["messages"],
+              "completions": texts, "ended": ended,
               "num_tokens": [len(c) for c in completions], "scores": [verify(t, row["ground_truth"]) for t in texts],
               "ground_truth": row["ground_truth"], "dataset": row["verifier"]}
     if row["verifier"] == "ifeval":
@@ -200,6 +210,45 @@ def summarize(records, num_samples):
     return summary
 
 
+def rejection_sampling(records, min_score=None):
+    """From each prompt's samples, those that ended (a completion cut at --max_completion_len is no example):
+    the best-scoring one as an SFT row where its score is at least min_score, and the best and the worst as a
+    preference pair where their scores differ; ties go to the first sampled. Returns the SFT rows, the pairs
+    and how many prompts went where."""
+    sft_rows, pairs = [], []
+    counts = dict.fromkeys(["prompts", "sft rows", "pairs", "no ended sample", "best below --sft_min_score",
+                            "fewer than two ended samples", "every ended sample scored the same",
+                            "several samples tied for the best"], 0)
+    for r in records:
+        counts["prompts"] += 1
+        ended = [(score, text) for score, text, stopped in zip(r["scores"], r["completions"], r["ended"]) if stopped]
+        if not ended:
+            counts["no ended sample"] += 1
+            continue
+        (best_score, best), (worst_score, worst) = (max(ended, key=lambda x: x[0]), min(ended, key=lambda x: x[0]))
+        counts["several samples tied for the best"] += sum(score == best_score for score, _ in ended) > 1
+        if min_score is None or best_score >= min_score:
+            sft_rows.append({"messages": r["messages"] + [{"role": "assistant", "content": best}]})
+        else:
+            counts["best below --sft_min_score"] += 1
+        if len(ended) < 2:
+            counts["fewer than two ended samples"] += 1
+        elif best_score == worst_score:
+            counts["every ended sample scored the same"] += 1
+        else:
+            pairs.append({"chosen": r["messages"] + [{"role": "assistant", "content": best}],
+                          "rejected": r["messages"] + [{"role": "assistant", "content": worst}]})
+    counts["sft rows"], counts["pairs"] = len(sft_rows), len(pairs)
+    return sft_rows, pairs, counts
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def records_path(model, dataset):
     """Where the per-row records go without --output: runs/eval/<model>__<dataset>.jsonl in the working
     directory, named after both (their paths' parts joined by "-", a data file's suffix dropped), never into
@@ -216,14 +265,18 @@ def main(args):
     summary, records = evaluate(args)
     if not dist.is_initialized() or dist.get_rank() == 0:
         output = args.output or records_path(args.model, args.dataset)
-        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        with open(output, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(output, records)
         for key, value in summary.items():
             print(f"{key:>30}: {value:.4f}" if isinstance(value, float) else f"{key:>30}: {value}")
         print(json.dumps(summary))
         print(f"wrote {output}")
+        if args.sft_output or args.pairs_output:
+            sft_rows, pairs, counts = rejection_sampling(records, args.sft_min_score)
+            print("rejection sampling: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+            for path, rows in ((args.sft_output, sft_rows), (args.pairs_output, pairs)):
+                if path:
+                    write_jsonl(path, rows)
+                    print(f"wrote {path}")
     if dist.is_initialized():
         # ranks leave together: a gloo rank that tears down while its peer still holds the
         # connection can abort the peer at exit
@@ -394,14 +447,14 @@ def check_rl_row(row, where):
 
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
-    """Rows {prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt, `ground_truth`,
-    `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a malformed row
-    stops the run with its index."""
+    """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
+    `ground_truth`, `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a
+    malformed row stops the run with its index."""
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}")
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+        return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
 
     return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,

@@ -1295,14 +1295,14 @@ def check_rl_row(row, where):
 
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
-    """Rows {prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt, `ground_truth`,
-    `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a malformed row
-    stops the run with its index."""
+    """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
+    `ground_truth`, `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a
+    malformed row stops the run with its index."""
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}")
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
+        return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
 
     return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,

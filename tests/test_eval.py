@@ -154,3 +154,60 @@ def test_bad_rows_are_rejected_with_their_index(random_checkpoint, tmp_path):
     proc = run_script("eval.py", "--model", random_checkpoint, "--dataset", write_jsonl(tmp_path / "r.jsonl", rows),
                       check=False)
     assert proc.returncode != 0 and "row 1: no verifier named 'no_such_verifier'" in proc.stderr
+
+
+def test_rejection_sampling_picks_the_best_and_worst_ended_samples_and_counts_the_rest():
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+
+    def record(scores, ended):
+        return {"messages": prompt, "scores": scores, "ended": ended,
+                "completions": [f"answer {i}" for i in range(len(scores))]}
+
+    records = [record([0.0, 1.0, 0.5, 1.0], [True] * 4),  # a tie for the best: the first sampled is taken
+               record([1.0, 0.0, 1.0], [False, True, True]),  # the cut one is no example, even scoring 1
+               record([1.0, 1.0], [True, True]),  # every ended sample scored the same: no pair
+               record([0.0, 0.0, 1.0], [True, True, False]),  # ended, but none correct
+               record([1.0, 0.0], [True, False]),  # one ended sample: an SFT row, no pair
+               record([1.0, 1.0], [False, False])]  # none ended
+    sft_rows, pairs, counts = evaluation.rejection_sampling(records)
+    best = [row["messages"][-1]["content"] for row in sft_rows]
+    assert best == ["answer 1", "answer 2", "answer 0", "answer 0", "answer 0"]
+    assert all(row["messages"][:-1] == prompt and row["messages"][-1]["role"] == "assistant" for row in sft_rows)
+    assert [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs] == \
+        [("answer 1", "answer 0"), ("answer 2", "answer 1")]
+    assert all(p["chosen"][:-1] == p["rejected"][:-1] == prompt for p in pairs)
+    assert counts == {"prompts": 6, "sft rows": 5, "pairs": 2, "no ended sample": 1, "best below --sft_min_score": 0,
+                      "fewer than two ended samples": 1, "every ended sample scored the same": 2,
+                      "several samples tied for the best": 3}
+    sft_rows, pairs, counts = evaluation.rejection_sampling(records, min_score=1.0)
+    assert [row["messages"][-1]["content"] for row in sft_rows] == ["answer 1", "answer 2", "answer 0", "answer 0"]
+    assert counts["best below --sft_min_score"] == 1 and len(pairs) == 2
+
+
+def test_rejection_sampling_files_train_sft_and_dpo_as_they_are(sft_demo_checkpoint, tmp_path):
+    """Best-of-4 samples of the demo SFT model on training prompts, scored by the verifier: the SFT rows are
+    the correct answers, the pairs a correct and a wrong one, and sft.py and dpo.py train on the files."""
+    model, _ = sft_demo_checkpoint
+    sft_rows, pairs = tmp_path / "best.jsonl", tmp_path / "pairs.jsonl"
+    proc = run_script("eval.py", "--model", model, "--dataset", ROOT / "data" / "rl_train.jsonl", "--max_rows", 24,
+                      "--num_samples", 4, "--temperature", 1.0, "--sft_output", sft_rows, "--sft_min_score", 1,
+                      "--pairs_output", pairs, "--output", tmp_path / "records.jsonl")
+    assert "rejection sampling: prompts 24, sft rows" in proc.stdout
+    records = {json.dumps(r["messages"]): r for r in map(json.loads, open(tmp_path / "records.jsonl"))}
+    best = [json.loads(line) for line in open(sft_rows)]
+    chosen_rejected = [json.loads(line) for line in open(pairs)]
+    assert best and chosen_rejected
+    for row in best:
+        record = records[json.dumps(row["messages"][:-1])]
+        assert row["messages"][-1]["content"] in record["completions"]
+        assert evaluation.verifiers.get("gsm8k")(row["messages"][-1]["content"], record["ground_truth"]) == 1.0
+    for pair in chosen_rejected:
+        ground_truth = records[json.dumps(pair["chosen"][:-1])]["ground_truth"]
+        scores = [evaluation.verifiers.get("gsm8k")(pair[side][-1]["content"], ground_truth)
+                  for side in ("chosen", "rejected")]
+        assert scores[0] > scores[1]
+    quick = ["--model", model, "--max_steps", 2, "--per_device_batch_size", 4, "--eval_dataset", "None"]
+    run_script("sft.py", *quick, "--dataset", sft_rows, "--output_dir", tmp_path / "sft")
+    run_script("dpo.py", *quick, "--dataset", pairs, "--output_dir", tmp_path / "dpo",
+               "--ref_cache_dir", tmp_path / "ref")
+    assert (tmp_path / "sft" / "final").is_dir() and (tmp_path / "dpo" / "final").is_dir()
