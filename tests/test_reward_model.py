@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ROOT, read_metrics, run_script, write_jsonl
 
@@ -26,7 +26,7 @@ COMMON = ["--model", TINY, "--precision", "fp32", "--lr", "1e-4", "--max_seq_len
 
 
 def demo_rows(name, n, margins=False):
-    """The first n demo pairs; with margins, a `margin` column of 0, 0.5 or 1 (Llama 2's kind: by row)."""
+    """The first n demo pairs; with margins, a `margin` column of 0, 0.5 or 1 (per-row margins, as in Llama 2)."""
     rows = [json.loads(line) for line in open(ROOT / "data" / name)][:n]
     return [{**row, "margin": i % 3 / 2} for i, row in enumerate(rows)] if margins else rows
 
