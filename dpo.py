@@ -203,30 +203,6 @@ def preference_loss(args, policy_logps, ref_logps, n_tokens):
 # Data: preference rows -> (prompt + chosen, prompt + rejected) token ids, labels on the response
 
 
-def split_pair(row, where):
-    """(prompt messages, chosen response message, rejected response message) of a preference row
-    in either format; a malformed row raises InputError naming the row and what is wrong."""
-    sides = {}
-    for side, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-        value = row.get(side)
-        sides[side] = [{"role": role, "content": value}] if isinstance(value, str) else value or []
-        if side != "prompt" or sides[side]:
-            check_messages(sides[side], f"{where} {side}")
-    chosen, rejected = sides["prompt"] + sides["chosen"], sides["prompt"] + sides["rejected"]
-    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
-        if conversation[-1]["role"] != "assistant":
-            raise InputError(f"{where}: {name} must end with the assistant's response, but ends with "
-                             f"{conversation[-1]['role']}")
-        if len(conversation) < 2:
-            raise InputError(f"{where}: {name} has no prompt before its response")
-    if chosen[:-1] != rejected[:-1]:
-        j = next((j for j, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
-                 min(len(chosen), len(rejected)) - 1)
-        raise InputError(f"{where}: chosen and rejected must share the prompt (every message but the last); "
-                         f"they differ at message {j}")
-    return chosen[:-1], chosen[-1], rejected[-1]
-
-
 def tokenize_response(tokenizer, prompt, response, eot_text, max_seq_len, where):
     """Token ids of the templated prompt + response, cut right after the response's end-of-turn token and
     truncated to max_seq_len, and labels: the ids on the response (its end-of-turn token too), else -100."""
@@ -702,6 +678,33 @@ def check_messages(messages, where):
                              f"got {m!r:.200}")
 
 
+def split_pair(row, where):
+    """(prompt messages, chosen response message, rejected response message) of a preference row
+    in either format; a malformed row raises InputError naming the row and what is wrong."""
+    sides = {}
+    for side, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+        value = row.get(side)
+        sides[side] = [{"role": role, "content": value}] if isinstance(value, str) else value or []
+        if side != "prompt" or sides[side]:
+            check_messages(sides[side], f"{where} {side}")
+    prompt = sides["prompt"]
+    if prompt and all(sides[side][:len(prompt)] == prompt for side in ("chosen", "rejected")):
+        prompt = []  # conversations that hold the prompt already (Tulu 3's preference mixtures also have it apart)
+    chosen, rejected = prompt + sides["chosen"], prompt + sides["rejected"]
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if conversation[-1]["role"] != "assistant":
+            raise InputError(f"{where}: {name} must end with the assistant's response, but ends with "
+                             f"{conversation[-1]['role']}")
+        if len(conversation) < 2:
+            raise InputError(f"{where}: {name} has no prompt before its response")
+    if chosen[:-1] != rejected[:-1]:
+        j = next((j for j, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
+                 min(len(chosen), len(rejected)) - 1)
+        raise InputError(f"{where}: chosen and rejected must share the prompt (every message but the last); "
+                         f"they differ at message {j}")
+    return chosen[:-1], chosen[-1], rejected[-1]
+
+
 def load_rows(name, split):
     """A local .jsonl/.json/.parquet file, or a split of a hub dataset or local dataset directory."""
     import datasets  # imported here: it is slow to import and only needed once
@@ -959,6 +962,10 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         config = AutoConfig.from_pretrained(source)
         config.dtype = dtype
         config.architectures = [type(model.lm).__name__]
+        if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the pad
+            # token, as it reads each sequence's score at the last token that is not padding
+            config.num_labels = model.lm.config.num_labels
+            config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
         config.save_pretrained(tmp)
         try:
             generation_config = GenerationConfig.from_pretrained(source)

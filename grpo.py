@@ -110,7 +110,7 @@ class Args:
     attention; top-p's truncation): multiply the surrogate by exp(trainer - sampler log-prob) of each token
     (token_*) or of each completion (sequence_*: the product over its tokens), truncated at the cap
     (*_truncate; token_truncate is TIS) or zeroed above it (*_mask); none: no correction (the mismatch is
-    logged under sampling/ either way). The default is TRL's. With --top_p < 1 every token's weight is below 1
+    logged under sampling/ either way). sequence_mask is TRL's choice. With --top_p < 1 every token's weight is below 1
     (the sampler renormalizes the nucleus), so a sequence_* weight shrinks with the completion's length: use a
     token_* mode there"""
     sampler_correction_cap: float = 3.0
@@ -1049,6 +1049,10 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         config = AutoConfig.from_pretrained(source)
         config.dtype = dtype
         config.architectures = [type(model.lm).__name__]
+        if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the pad
+            # token, as it reads each sequence's score at the last token that is not padding
+            config.num_labels = model.lm.config.num_labels
+            config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
         config.save_pretrained(tmp)
         try:
             generation_config = GenerationConfig.from_pretrained(source)

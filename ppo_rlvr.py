@@ -89,7 +89,7 @@ AttentionInterface.register("packed", packed_attention)
 class Args:
     # PPO
     value_model: str | None = None
-    """value model init: a reward model or causal LM (hub id or dir); default: --model with a new head"""
+    """value model init: a reward model or causal LM (hub id or dir); None: --model with a new head"""
     value_lr: float | None = None
     """value model learning rate (None: --lr)"""
     num_mini_batches: int = 1
@@ -125,7 +125,7 @@ class Args:
     attention): multiply the policy loss by exp(trainer - sampler log-prob) of each token (token_*) or of each
     completion (sequence_*: the product over its tokens), truncated at the cap (*_truncate; token_truncate is
     TIS) or zeroed above it (*_mask); none: no correction (the mismatch is logged under sampling/ either
-    way). The default is TRL's"""
+    way). sequence_mask is TRL's choice"""
     sampler_correction_cap: float = 3.0
     """the cap of --sampler_correction (TRL's vllm_importance_sampling_clip_max)"""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
@@ -331,38 +331,6 @@ class ValueModel(torch.nn.Module):
         return torch.zeros(completion_mask.shape, device=values.device).masked_scatter(completion_mask, values)
 
 
-def load_value_model(name, run):
-    """The whole value model in fp32 on rank 0 (None elsewhere), dropout off: a reward model keeps its score
-    head; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
-    if run.rank != 0:
-        return None
-    config = model_config(name, dropout=False, num_labels=1)
-    attention = run.args.attn_implementation
-    if has_weights(name):
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # its report would list the new head as a missing weight
-        try:
-            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
-                name, config=config, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
-        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
-        if missing:
-            raise InputError(f"value model {name}: no weights for {missing[:5]}")
-        new_head = "score.weight" in info["missing_keys"]
-    else:
-        seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention,
-                                                                dtype=torch.float32)
-        new_head = True
-    if new_head:
-        torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
-        if seqcls.score.bias is not None:
-            torch.nn.init.zeros_(seqcls.score.bias)
-    if not run.args.resume:  # a resumed run's value model comes from its checkpoint
-        print(f"value model: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
-    return seqcls
-
-
 # ---------------------------------------------------------------------------------------------
 # The rollout: sample, score, then log-probs, values, KL-penalized rewards and GAE advantages
 
@@ -507,9 +475,9 @@ def main(args):
     reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False).eval().requires_grad_(
         False)
     del full
-    value_model = run.build(ValueModel, args.value_model or args.model, load_value_model(
-        args.value_model or args.model, run), dropout=False, gradient_checkpointing=args.gradient_checkpointing,
-        auto_class=AutoModelForSequenceClassification, num_labels=1)
+    value_model = run.build(ValueModel, args.value_model or args.model, load_sequence_classifier(
+        args.value_model or args.model, run, "value model"), dropout=False,
+        gradient_checkpointing=args.gradient_checkpointing, auto_class=AutoModelForSequenceClassification, num_labels=1)
     generator = generation_copy(policy, run.compute_dtype, run.device, args.attn_implementation)
     (policy_optimizer, policy_scheduler), (value_optimizer, value_scheduler) = (
         adamw(policy, args.lr, args, total_steps), adamw(value_model, args.value_lr or args.lr, args, total_steps))
@@ -1009,6 +977,39 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
+def load_sequence_classifier(name, run, role):
+    """The whole one-label sequence classifier (the decoder and a `score` Linear(H, 1)) of `name` in fp32 on rank 0
+    (None elsewhere), dropout off, for a value or reward model (`role`, for messages): a checkpoint with a score
+    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
+    if run.rank != 0:
+        return None
+    config = model_config(name, dropout=False, num_labels=1)
+    attention = run.args.attn_implementation
+    if has_weights(name):
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its report would list the new head as a missing weight
+        try:
+            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
+        if missing:
+            raise InputError(f"{role} {name}: no weights for {missing[:5]}")
+        new_head = "score.weight" in info["missing_keys"]
+    else:
+        seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention,
+                                                                dtype=torch.float32)
+        new_head = True
+    if new_head:
+        torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+        if seqcls.score.bias is not None:
+            torch.nn.init.zeros_(seqcls.score.bias)
+    if not run.args.resume:  # a resumed run's weights come from its checkpoint
+        print(f"{role}: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
+    return seqcls
+
+
 @torch.no_grad()
 def materialize(model, full, device):
     """Fills the sharded meta-device `model` (a wrapper holding the model as .lm) with the weights of `full`,
@@ -1124,6 +1125,10 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         config = AutoConfig.from_pretrained(source)
         config.dtype = dtype
         config.architectures = [type(model.lm).__name__]
+        if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the pad
+            # token, as it reads each sequence's score at the last token that is not padding
+            config.num_labels = model.lm.config.num_labels
+            config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
         config.save_pretrained(tmp)
         try:
             generation_config = GenerationConfig.from_pretrained(source)

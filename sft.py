@@ -794,6 +794,10 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         config = AutoConfig.from_pretrained(source)
         config.dtype = dtype
         config.architectures = [type(model.lm).__name__]
+        if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the pad
+            # token, as it reads each sequence's score at the last token that is not padding
+            config.num_labels = model.lm.config.num_labels
+            config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
         config.save_pretrained(tmp)
         try:
             generation_config = GenerationConfig.from_pretrained(source)

@@ -13,7 +13,7 @@ What it runs, in order (group: steps):
   tests:   tests          python -m pytest tests/test_kernels_gpu.py tests/test_kernels_aot.py: the
                           Triton kernels at real LM-head shapes against fp32 truths, and every kernel
                           specialization compiled for sm_80, sm_89 and sm_90 with this triton
-  scripts: sft, sft_resume, dpo, grpo, ppo_rlvr, eval
+  scripts: sft, sft_resume, dpo, reward_model, grpo, ppo_rlvr, eval
                           each script under `torchrun --nproc_per_node 1` (nccl) with --precision
                           bf16 for a few steps on a random-init Qwen2.5-0.5B-shaped model (hidden 896,
                           24 layers, vocab 151936, tied: a config-only directory with assets/tiny's
@@ -137,6 +137,7 @@ def build_plan(cpu_smoke, model_dir, work_dir):
         common = ["--model", str(model_dir)]
         sizes = dict(sft=["--per_device_batch_size", "8", "--max_seq_len", "128"],
                      dpo=["--per_device_batch_size", "4", "--max_seq_len", "128"],
+                     reward_model=["--per_device_batch_size", "4", "--max_seq_len", "128"],
                      grpo=["--per_device_batch_size", "8", "--num_generations", "4", "--max_completion_len", "16"],
                      ppo_rlvr=["--per_device_batch_size", "4", "--max_new_tokens", "16"],
                      eval=["--max_rows", "8", "--max_new_tokens", "16"])
@@ -145,6 +146,7 @@ def build_plan(cpu_smoke, model_dir, work_dir):
         common = ["--model", str(model_dir), "--precision", "bf16"]
         sizes = dict(sft=["--per_device_batch_size", "8", "--max_seq_len", "512"],
                      dpo=["--per_device_batch_size", "8", "--max_seq_len", "512"],
+                     reward_model=["--per_device_batch_size", "8", "--max_seq_len", "512"],
                      grpo=["--per_device_batch_size", "32", "--num_generations", "8", "--max_completion_len", "128"],
                      ppo_rlvr=["--per_device_batch_size", "16", "--max_new_tokens", "128"],
                      eval=["--max_rows", "128", "--max_new_tokens", "128"])
@@ -164,6 +166,7 @@ def build_plan(cpu_smoke, model_dir, work_dir):
         script("sft", "sft.py", "--max_steps", "4", "--save_every", "2", "--eval_every", "2"),
         script("sft_resume", "sft.py", "--max_steps", "6", "--save_every", "2", "--resume", run="sft"),
         script("dpo", "dpo.py", "--max_steps", "4", "--save_every", "2", "--eval_every", "2"),
+        script("reward_model", "reward_model.py", "--max_steps", "4", "--save_every", "2", "--eval_every", "2"),
         script("grpo", "grpo.py", "--max_steps", "3", "--save_every", "2"),
         script("ppo_rlvr", "ppo_rlvr.py", "--max_steps", "3", "--save_every", "2"),
         Step("eval", "scripts", torchrun("eval.py", *eval_args), 600, ["tyro", "datasets"], needs_cuda=not cpu_smoke),

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py"]
+SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "reward_model.py"]
 BANNER = "# " + "=" * 21 + " plumbing: the same code in every script that has it (tests/fix_copies.py) " + "=" * 21
 
 

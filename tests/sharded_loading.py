@@ -99,11 +99,12 @@ def main(checkpoint, config_only, out):
         if script is ppo_rlvr:  # the value model: the checkpoint's decoder and a new score head, seeded on rank 0
             torch.manual_seed(SEED)
             run = fake_run(ppo_rlvr, rank)
-            value_model = run.build(ppo_rlvr.ValueModel, checkpoint, ppo_rlvr.load_value_model(checkpoint, run),
-                                    dropout=False, auto_class=AutoModelForSequenceClassification, num_labels=1)
+            full = ppo_rlvr.load_sequence_classifier(checkpoint, run, "value model")
+            value_model = run.build(ppo_rlvr.ValueModel, checkpoint, full, dropout=False,
+                                    auto_class=AutoModelForSequenceClassification, num_labels=1)
             torch.manual_seed(SEED)
             check_same("value model", full_state(value_model.lm),
-                       full_state(ppo_rlvr.load_value_model(checkpoint, fake_run(ppo_rlvr, 0))))
+                       full_state(ppo_rlvr.load_sequence_classifier(checkpoint, fake_run(ppo_rlvr, 0), "value model")))
     dist.barrier()
     dist.destroy_process_group()
 

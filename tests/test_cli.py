@@ -23,15 +23,17 @@ import dpo  # noqa: E402
 import eval as evaluation  # noqa: E402
 import grpo  # noqa: E402
 import ppo_rlvr  # noqa: E402
+import reward_model  # noqa: E402
 import sft  # noqa: E402
 
 TINY = str(ROOT / "assets" / "tiny")
-TRAINERS = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rlvr}
+TRAINERS = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rlvr, "reward_model.py": reward_model}
 # a few quick steps of each trainer on the tiny model (random init) and the demo data
 QUICK = {"sft.py": ["--per_device_batch_size", 4],
          "dpo.py": ["--per_device_batch_size", 4],
          "grpo.py": ["--per_device_batch_size", 8, "--num_generations", 4, "--max_completion_len", 8],
-         "ppo_rlvr.py": ["--per_device_batch_size", 4, "--max_completion_len", 8, "--num_ppo_epochs", 1]}
+         "ppo_rlvr.py": ["--per_device_batch_size", 4, "--max_completion_len", 8, "--num_ppo_epochs", 1],
+         "reward_model.py": ["--per_device_batch_size", 4]}
 GOOD_SFT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
@@ -41,7 +43,7 @@ def only_line(stderr):
     return lines[0]
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py"])
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "reward_model.py"])
 def test_a_missing_local_dataset_is_one_line(script, tmp_path):
     """Named like a local file, the dataset is not looked up on the hub (which retried for 42 s and
     ended in a ConnectionError): one line, exit status 1."""
@@ -103,7 +105,7 @@ def test_flags_and_paths_are_checked_first(script, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("script,stage", [("dpo.py", "sft"), ("grpo.py", "dpo"), ("ppo_rlvr.py", "dpo"),
-                                          ("eval.py", "grpo")])
+                                          ("eval.py", "grpo"), ("reward_model.py", "sft")])
 def test_a_missing_default_model_says_which_checkpoint_to_pass(script, stage, tmp_path, monkeypatch):
     """Each script starts, by default, from the checkpoint that `python pipeline.py` writes for the stage
     before it (runs/pipeline/<stage>/final), so that the README's commands run after the pipeline; where it
@@ -207,7 +209,7 @@ def test_help_spells_flags_with_underscores_and_both_spellings_work():
             "        runpy.run_path(script, run_name='__main__')\n"
             "    except SystemExit:\n"
             "        print('=== end of', script, flush=True)\n")
-    scripts = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "pipeline.py"]
+    scripts = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "reward_model.py", "pipeline.py"]
     proc = subprocess.run([sys.executable, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": PYTHONPATH},
                           timeout=300)
@@ -248,7 +250,7 @@ def test_a_wrapped_docstring_is_one_paragraph_of_help(capsys, monkeypatch):
     assert sft.tyro.cli(sft.prose_help(Wrapped), args=["--steps", "5"]).steps == 5
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py"])
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "reward_model.py"])
 def test_help_reads_as_prose(script):
     """Each flag's help is its docstring as one paragraph: on a terminal wide enough for the longest, every
     help text is on one line, wherever the source wraps the docstring."""
@@ -260,6 +262,8 @@ def test_help_reads_as_prose(script):
     for field in dataclasses.fields(module.Args):
         text = helps[field.name].type.__metadata__[0].help
         assert any(text in line for line in lines), (script, field.name, text)
+        # tyro appends "(default: ...)": a help that names its default too would say it twice
+        assert "default" not in text.lower(), (script, field.name, text)
 
 
 def test_torchruns_failure_report_ends_with_the_error(tmp_path):

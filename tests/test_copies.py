@@ -17,10 +17,11 @@ import dpo  # noqa: E402
 import eval as evaluation  # noqa: E402
 import grpo  # noqa: E402
 import ppo_rlvr  # noqa: E402
+import reward_model  # noqa: E402
 import sft  # noqa: E402
 
 # lines above the banner, docstring, imports and every flag included
-BUDGETS = {"sft.py": 300, "dpo.py": 450, "grpo.py": 550, "ppo_rlvr.py": 625}
+BUDGETS = {"sft.py": 300, "dpo.py": 450, "grpo.py": 550, "ppo_rlvr.py": 625, "reward_model.py": 300}
 # the flags of more than one script, in the order every script lists them (after its own)
 COMMON = ["model", "dataset", "dataset_split", "eval_dataset", "output_dir", "lr", "max_steps", "num_epochs",
           "per_device_batch_size", "grad_accum_steps", "max_tokens_per_micro_batch", "max_seq_len", "max_prompt_len",
@@ -28,7 +29,8 @@ COMMON = ["model", "dataset", "dataset_split", "eval_dataset", "output_dir", "lr
           "save_dtype", "attn_implementation", "padding_free", "gradient_checkpointing", "hsdp", "save_every",
           "save_total_limit", "resume", "overwrite_output_dir", "eval_every", "log_every", "track", "wandb_project",
           "run_name"]
-MODULES = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rlvr, "eval.py": evaluation}
+MODULES = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rlvr, "eval.py": evaluation,
+           "reward_model.py": reward_model}
 
 
 def test_every_shared_definition_is_the_same_in_every_script():

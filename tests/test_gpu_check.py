@@ -13,7 +13,7 @@ spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
-SCRIPTS = ["sft", "sft_resume", "dpo", "grpo", "ppo_rlvr", "eval"]
+SCRIPTS = ["sft", "sft_resume", "dpo", "reward_model", "grpo", "ppo_rlvr", "eval"]
 
 
 def test_help_says_what_it_runs_needs_and_writes():
@@ -61,7 +61,7 @@ def test_a_benchmark_missing_from_the_plan_is_an_error(monkeypatch):
 def test_only_and_skip_take_steps_and_groups():
     plan = gpu_check.build_plan(cpu_smoke=False, model_dir="/m", work_dir="/w")
     assert [s.name for s in gpu_check.select(plan, ["scripts"], ["sft_resume"])] == \
-        ["sft", "dpo", "grpo", "ppo_rlvr", "eval"]
+        ["sft", "dpo", "reward_model", "grpo", "ppo_rlvr", "eval"]
     assert [s.name for s in gpu_check.select(plan, ["tests", "bench_sft"], None)] == ["tests", "bench_sft"]
     with pytest.raises(SystemExit, match="unknown step or group bench_nope"):
         gpu_check.select(plan, ["bench_nope"], None)

@@ -16,7 +16,7 @@ from conftest import PYTHONPATH, ROOT
 
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": PYTHONPATH,
        "OMP_NUM_THREADS": "1"}
-SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "pipeline.py"]
+SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "ppo_rlvr.py", "eval.py", "reward_model.py", "pipeline.py"]
 
 
 def python(code, cwd):

@@ -2,7 +2,8 @@
 run unchanged on the same tensors through tests/trl_reference.py): DPO, IPO, dpo_norm, cDPO and SimPO
 per pair; GRPO's advantages; the GRPO, Dr. GRPO, DAPO and CISPO losses, token- and sequence-level (GSPO),
 with a KL penalty and the sampler correction, values and gradients; the sampler correction's weights and
-the sampling/* metrics of every mode, for grpo.py and ppo_rlvr.py."""
+the sampling/* metrics of every mode, for grpo.py and ppo_rlvr.py; the reward model's Bradley-Terry loss with
+a margin and the centering term, and its metrics."""
 
 import sys
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 import ppo_rlvr  # noqa: E402
+import reward_model  # noqa: E402
 
 pytestmark = pytest.mark.math
 MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
@@ -151,3 +153,26 @@ def test_sampler_correction_weights_and_metrics_match_trl(mode):
     assert set(ours_metrics) == set(metrics)
     for name, value in ours_metrics.items():
         assert value == pytest.approx(metrics[name], rel=1e-5), name
+
+
+@pytest.mark.parametrize("with_margin", [False, True])
+@pytest.mark.parametrize("center_rewards_coefficient", [None, 0.01])
+def test_reward_model_loss_and_gradient_match_trl(with_margin, center_rewards_coefficient):
+    """reward_model.py's loss, a mean over pairs, against TRL's RewardTrainer.compute_loss on the same scores:
+    values and gradients, with Llama 2's per-pair margin and the centering term; and the batch metrics that
+    reward_model.py logs under TRL's names mean what TRL's do."""
+    torch.manual_seed(3)
+    chosen = (3 * torch.randn(8, dtype=torch.float64) + 1).requires_grad_()
+    rejected = (3 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    margins = torch.rand(8, dtype=torch.float64) * 2 if with_margin else torch.zeros(8, dtype=torch.float64)
+    ours = reward_model.reward_loss(chosen, rejected, margins, center_rewards_coefficient).mean()
+    theirs, metrics = trl.reward_model_loss(chosen, rejected, margin=margins if with_margin else None,
+                                            center_rewards_coefficient=center_rewards_coefficient)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    ours_grad = torch.autograd.grad(ours, [chosen, rejected])
+    theirs_grad = torch.autograd.grad(theirs, [chosen, rejected])
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert metrics["accuracy"] == pytest.approx((chosen > rejected).double().mean().item())
+    assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item())
+    assert metrics["mean_reward"] == pytest.approx(torch.cat([chosen, rejected]).mean().item())

@@ -12,9 +12,10 @@ the given tensors, and runs TRL's method unchanged:
   dpo_losses                   DPOTrainer._compute_loss                      (trl/trainer/dpo_trainer.py)
   simpo_losses / cpo_losses    CPOTrainer.cpo_loss                           (trl/experimental/cpo/cpo_trainer.py)
   conservative_dpo_losses      CPOTrainer.cpo_loss("sigmoid") on log-ratios  (cDPO label smoothing)
+  reward_model_loss            RewardTrainer.compute_loss                    (trl/trainer/reward_trainer.py)
 
 Settings the helpers do not take keep TRL's defaults, read from the config dataclasses' field
-defaults (GRPOConfig / DPOConfig / CPOConfig are not instantiated: TrainingArguments.__post_init__
+defaults (GRPOConfig / DPOConfig / CPOConfig / RewardConfig are not instantiated: TrainingArguments.__post_init__
 would set up accelerate's process-wide state). The few lines of GRPOTrainer.__init__ that copy config
 values onto the trainer (e.g. epsilon_high = epsilon when None) are mirrored in `_grpo_trainer`.
 
@@ -50,14 +51,16 @@ def _trl():
         import trl
         from trl.experimental.cpo import cpo_trainer
         from trl.experimental.cpo.cpo_config import CPOConfig
-        from trl.trainer import dpo_trainer, grpo_trainer, utils
+        from trl.trainer import dpo_trainer, grpo_trainer, reward_trainer, utils
         from trl.trainer.dpo_config import DPOConfig
         from trl.trainer.grpo_config import GRPOConfig
+        from trl.trainer.reward_config import RewardConfig
     if trl.__version__ != TRL_VERSION:
         warnings.warn(f"tests/trl_reference.py was written against trl {TRL_VERSION}, found {trl.__version__}",
                       stacklevel=3)
     return SimpleNamespace(version=trl.__version__, grpo=grpo_trainer, dpo=dpo_trainer, cpo=cpo_trainer,
-                           utils=utils, GRPOConfig=GRPOConfig, DPOConfig=DPOConfig, CPOConfig=CPOConfig)
+                           reward=reward_trainer, utils=utils, GRPOConfig=GRPOConfig, DPOConfig=DPOConfig,
+                           CPOConfig=CPOConfig, RewardConfig=RewardConfig)
 
 
 def _config_defaults(config_cls, **overrides):
@@ -491,3 +494,41 @@ def conservative_dpo_losses(chosen_logratios, rejected_logratios, *, beta=0.1, l
     beta * rejected_logratios). With label_smoothing=0 it equals dpo_losses(loss_type="sigmoid")."""
     return cpo_losses(chosen_logratios, rejected_logratios, loss_type="sigmoid", beta=beta,
                       label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------------
+
+
+def reward_model_loss(rewards_chosen, rewards_rejected, *, margin=None, center_rewards_coefficient=None):
+    """TRL's reward model loss (RewardTrainer.compute_loss) on given scores, and the metrics it logs.
+
+    rewards_chosen / rewards_rejected: [B] the scores of the chosen and rejected conversations (the tensors
+    to take gradients of), which TRL's model returns as logits [2B, 1], the chosen first. margin: [B], a
+    dataset's `margin` column as TRL's collator hands it over (None: no such column).
+    center_rewards_coefficient: RewardConfig's (default None: no centering term).
+
+    Returns (loss, metrics): the scalar batch loss TRL backpropagates (the mean over the pairs) and the
+    batch's logged "accuracy", "margin", "min_reward", "mean_reward", "max_reward".
+    """
+    t = _trl()
+    self = object.__new__(t.reward.RewardTrainer)
+    # what compute_loss reads: RewardTrainer.__init__'s config and metric stores, the model's train mode
+    self.args = _config_defaults(t.RewardConfig, center_rewards_coefficient=center_rewards_coefficient)
+    self.accelerator = _SingleProcessAccelerator(rewards_chosen.device)
+    self.model = SimpleNamespace(training=True)
+    self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    self._total_train_tokens = 0
+    self._tp_size = 1
+    logits = torch.cat([rewards_chosen, rewards_rejected])[:, None]
+    ones = torch.ones(len(logits), 1, dtype=torch.long, device=logits.device)
+
+    def model(input_ids, attention_mask, use_cache, **kwargs):
+        return SimpleNamespace(logits=logits)
+
+    inputs = {"input_ids": ones, "attention_mask": ones}
+    if margin is not None:
+        inputs["margin"] = margin
+    loss = self.compute_loss(model, inputs)
+    return loss, {k: v for k, v in _metrics_of(self).items() if k != "num_tokens"}  # num_tokens: the stand-in's
