@@ -32,8 +32,9 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 import tyro
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
 
 from nanopost import verifiers
 from nanopost.verifiers.ifeval import instruction_results
@@ -67,6 +68,10 @@ class Args:
     pairs_output: str | None = None
     """on-policy preference pairs: write each prompt's best and worst completions (of those that ended) as a
     `chosen` / `rejected` pair to this jsonl where their scores differ, which dpo.py trains on as it is"""
+    reward_model: str | None = None
+    """also score every completion with this reward model (a sequence classifier with one label, e.g.
+    reward_model.py's final/), whose scores then choose --sft_output's and --pairs_output's completions; rows
+    without ground_truth and dataset are then scored by it alone"""
 
     # common flags: the same names, in the same order, in every script
     model: str = "runs/pipeline/grpo/final"
@@ -108,10 +113,32 @@ def check_args(args):
                          f"{demo_checkpoints_hint(['grpo', 'ppo', 'dpo', 'sft'])}")
     if names_local_path(args.dataset) and not os.path.exists(args.dataset):
         raise InputError(f"--dataset {args.dataset}: no such file or directory")
+    if args.reward_model:
+        if names_local_path(args.reward_model) and not os.path.isdir(args.reward_model):
+            raise InputError(f"--reward_model {args.reward_model}: no such directory")
+        check_reward_model(args.reward_model)
 
 
 def load_model(name, dtype, device):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+
+
+@torch.no_grad()
+def score_with_reward_model(name, records, dtype, device, batch_size):
+    """Adds to each record the reward model's score of each completion (`reward_model_scores`), as transformers
+    reads a sequence classifier: the prompt and completion rendered with the reward model's own chat template,
+    scored at the last token that is not padding (where reward_model.py trains it)."""
+    tokenizer, _, _, pad_id = load_tokenizer(name)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
+    texts = [tokenizer.apply_chat_template(r["messages"] + [{"role": "assistant", "content": completion}],
+                                           tokenize=False) for r in records for completion in r["completions"]]
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+        scores += model(**batch.to(device)).logits[:, 0].float().tolist()
+    for r in records:
+        r["reward_model_scores"], scores = scores[:len(r["completions"])], scores[len(r["completions"]):]
 
 
 def evaluate(args):
@@ -126,7 +153,8 @@ def evaluate(args):
     if device.type == "cpu":
         cpu_threads()
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer)[:args.max_rows]
+    rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer, prompt_only=bool(args.reward_model))[
+        :args.max_rows]
     dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     model = load_model(args.model, dtype, device)
@@ -148,6 +176,8 @@ def evaluate(args):
         for k, i in enumerate(batch):
             mine_k = range(k * args.num_samples, (k + 1) * args.num_samples)
             records.append(score(i, rows[i], tokenizer, [completions[j] for j in mine_k], [ended[j] for j in mine_k]))
+    if args.reward_model:
+        score_with_reward_model(args.reward_model, records, dtype, device, args.batch_size)
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -157,13 +187,12 @@ def evaluate(args):
 
 def score(index, row, tokenizer, completions, ended):
     """The record of one row: its completions, whether each ended (else it was cut at
-    --max_completion_len) and its length in tokens, their scores and, for IFEval rows, each
-    instruction's outcome in IFEval's strict and loose modes."""
-    verify = verifiers.get(row["verifier"])
+    --max_completion_len) and its length in tokens, their verifier's scores (None for a row without a
+    verifier) and, for IFEval rows, each instruction's outcome in IFEval's strict and loose modes."""
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    scores = [verifiers.get(row["verifier"])(t, row["ground_truth"]) for t in texts] if row["verifier"] else None
     record = {"index": index, "prompt": tokenizer.decode(row["prompt_ids"]), "messages": row["messages"],
-              "completions": texts, "ended": ended,
-              "num_tokens": [len(c) for c in completions], "scores": [verify(t, row["ground_truth"]) for t in texts],
+              "completions": texts, "ended": ended, "num_tokens": [len(c) for c in completions], "scores": scores,
               "ground_truth": row["ground_truth"], "dataset": row["verifier"]}
     if row["verifier"] == "ifeval":
         record["followed"] = [{mode: instruction_results(t, row["ground_truth"], loose=mode == "loose")
@@ -186,42 +215,46 @@ def ifeval_accuracies(records):
 
 
 def summarize(records, num_samples):
-    """Mean score (pass@1) overall and per verifier, IFEval's prompt- and instruction-level
-    accuracies, pass@k for k in 1, 2, 4, ... <= n, and the fraction of completions that ended
-    (rather than being cut at --max_completion_len) and their mean length."""
+    """Mean score (pass@1) overall and per verifier over the rows that have one, IFEval's prompt- and
+    instruction-level accuracies, pass@k for k in 1, 2, 4, ... <= n, the fraction of completions that ended
+    (rather than being cut at --max_completion_len) and their mean length, and a reward model's mean score."""
+    verified = [r for r in records if r["scores"] is not None]
     by_verifier = defaultdict(list)
-    for r in records:
+    for r in verified:
         by_verifier[r["dataset"].lower()].append(r)
-    summary = {"accuracy": sum(sum(r["scores"]) / num_samples for r in records) / max(1, len(records)),
+    summary = {"accuracy": sum(sum(r["scores"]) / num_samples for r in verified) / max(1, len(verified)),
                "num_rows": len(records)}
+    completions = max(1, len(records) * num_samples)
     if records and "ended" in records[0]:
         # a base model that has not learned its end-of-turn token runs every completion to the limit
-        completions = max(1, len(records) * num_samples)
         summary["completions/ended"] = sum(sum(r["ended"]) for r in records) / completions
         summary["completions/mean_tokens"] = sum(sum(r["num_tokens"]) for r in records) / completions
     for name, group in sorted(by_verifier.items()):
         summary[f"accuracy/{name}"] = sum(sum(r["scores"]) / num_samples for r in group) / len(group)
-    summary.update(ifeval_accuracies(records))
+    summary.update(ifeval_accuracies(verified))
     k = 2
     while k <= num_samples:
         summary[f"pass@{k}"] = sum(pass_at_k(num_samples, sum(s == 1.0 for s in r["scores"]), k)
-                                   for r in records) / max(1, len(records))
+                                   for r in verified) / max(1, len(verified))
         k *= 2
+    if records and "reward_model_scores" in records[0]:
+        summary["reward_model/mean"] = sum(sum(r["reward_model_scores"]) for r in records) / completions
     return summary
 
 
 def rejection_sampling(records, min_score=None):
     """From each prompt's samples, those that ended (a completion cut at --max_completion_len is no example):
     the best-scoring one as an SFT row where its score is at least min_score, and the best and the worst as a
-    preference pair where their scores differ; ties go to the first sampled. Returns the SFT rows, the pairs
-    and how many prompts went where."""
+    preference pair where their scores differ; ties go to the first sampled. Scores are the reward model's where
+    the records have them, else the verifier's. Returns the SFT rows, the pairs and how many prompts went where."""
     sft_rows, pairs = [], []
     counts = dict.fromkeys(["prompts", "sft rows", "pairs", "no ended sample", "best below --sft_min_score",
                             "fewer than two ended samples", "every ended sample scored the same",
                             "several samples tied for the best"], 0)
     for r in records:
         counts["prompts"] += 1
-        ended = [(score, text) for score, text, stopped in zip(r["scores"], r["completions"], r["ended"]) if stopped]
+        scores = r["reward_model_scores"] if "reward_model_scores" in r else r["scores"]
+        ended = [(score, text) for score, text, stopped in zip(scores, r["completions"], r["ended"]) if stopped]
         if not ended:
             counts["no ended sample"] += 1
             continue
@@ -430,12 +463,18 @@ def launch(main, args_class):
         sys.exit(1)
 
 
-def check_rl_row(row, where):
+def check_rl_row(row, where, verified=True):
     """A usable RL row: a prompt conversation that does not end with an assistant turn, a string ground truth,
-    and in `dataset` a registered verifier that accepts that ground truth; InputError names the row."""
+    and in `dataset` a registered verifier that accepts that ground truth (unless `verified` is False: a
+    reward model scores rows without both); InputError names the row."""
     check_messages(row.get("messages"), where)
     if row["messages"][-1]["role"] == "assistant":
         raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if row.get("ground_truth") is None and row.get("dataset") is None:
+        if verified:
+            raise InputError(f"{where}: no `ground_truth` and `dataset` for a verifier to score it (a prompt-only "
+                             "row needs --reward_model)")
+        return
     if not isinstance(row.get("ground_truth"), str):
         raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
     if not isinstance(row.get("dataset"), str):
@@ -446,20 +485,31 @@ def check_rl_row(row, where):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
     """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
-    `ground_truth`, `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a
-    malformed row stops the run with its index."""
+    `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
+    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
+    the run with its index."""
 
     def prepare(row, index):
-        check_rl_row(row, f"{name} row {index}")
+        check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
 
-    return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,
+    return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
                            f"have a prompt longer than --max_prompt_len={max_prompt_len}")
+
+
+def check_reward_model(name):
+    """--reward_model must be a sequence classifier with one label (reward_model.py's final/, or a hub reward
+    model), as its config says, before anything is loaded."""
+    config = AutoConfig.from_pretrained(name)
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"--reward_model {name}: not a sequence classifier with one label (architectures "
+                         f"{architectures}, {config.num_labels} labels); reward_model.py trains one")
 
 
 def static_cache(generation_cache, device):

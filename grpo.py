@@ -59,8 +59,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                          LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers.utils import logging as transformers_logging
 
 from nanopost import verifiers
 from nanopost.kernels import linear_logprobs
@@ -102,8 +104,14 @@ class Args:
     """completions without the end-of-turn token carry no loss (DAPO's overlong filtering)"""
     format_reward: bool = False
     """add the `format` verifier (<think>...</think>answer) as a second reward"""
+    reward_model: str | None = None
+    """a reward model (reward_model.py's final/, or a hub sequence classifier with one label) whose score of the prompt
+    and completion is another reward; rows without ground_truth and dataset are then scored by it alone"""
     reward_weights: list[float] | None = None
-    """weights of [verifier] or [verifier, format] rewards; None: all 1"""
+    """weights of the rewards, in this order: verifier, format (with --format_reward), reward model (with
+    --reward_model); None: all 1"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the reward of a completion cut at --max_completion_len before its end-of-turn token (TRL's)"""
     sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
         "sequence_mask"
     """the generation copy that samples is not numerically the trained policy (another dtype, kernels and
@@ -195,13 +203,15 @@ class Args:
 
 def completion_rewards(scores, args):
     """Each completion's reward from its named scores (score_completions): the one place that shapes the
-    reward (add a length penalty or another scorer here). The verifier's score, plus with --format_reward
-    the format reward, weighted by --reward_weights."""
-    weights = args.reward_weights or [1.0] * (1 + args.format_reward)
-    rewards = weights[0] * scores["verifier"]
-    if args.format_reward:
-        rewards = rewards + weights[1] * scores["format"]
-    return rewards
+    reward (add a length penalty or another scorer here). The verifier's score (none for a row without a
+    verifier), plus the format reward and the reward model's score where used, weighted by --reward_weights;
+    minus --missing_eos_penalty for a completion cut before its end."""
+    weights = iter(args.reward_weights or [1.0] * 3)
+    rewards = next(weights) * scores["verifier"].nan_to_num()
+    for name in ("format", "reward_model"):
+        if name in scores:
+            rewards = rewards + next(weights) * scores[name]
+    return rewards - args.missing_eos_penalty * scores["truncated"]
 
 
 def group_advantages(rewards, group_size, scale):
@@ -298,16 +308,23 @@ class PolicyLogprobs(torch.nn.Module):
                                temperature=temperature, with_entropy=with_entropy)
 
 
-def score_completions(rows, completions, ended, tokenizer, format_reward):
-    """Named scores, one value per completion (of its row): `verifier` (the row's verifier, in [0, 1]),
-    `format` (the format verifier with --format_reward, else 0), `length` (its tokens) and `truncated` (1 if
-    cut at --max_completion_len before its end-of-turn token)."""
+def score_completions(rows, completions, ended, tokenizer, reward_model, args, device):
+    """Named scores, one value per completion (of its row): `verifier` (the row's verifier, in [0, 1]; NaN for a
+    row without one), `length` (its tokens), `truncated` (1 if cut at --max_completion_len before its
+    end-of-turn token); with --format_reward `format` (the format verifier), and with --reward_model
+    `reward_model` (its score of the prompt and the completion as the assistant's turn)."""
     texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
-    scores = {"verifier": [verifiers.get(row["verifier"])(text, row["ground_truth"]) for row, text in zip(rows, texts)],
-              "format": [verifiers.get("format")(text, "") if format_reward else 0.0 for text in texts],
+    scores = {"verifier": [verifiers.get(row["verifier"])(text, row["ground_truth"]) if row["verifier"] else math.nan
+                           for row, text in zip(rows, texts)],
               "length": [len(completion) for completion in completions],
               "truncated": [float(not stopped) for stopped in ended]}
-    return {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
+    if args.format_reward:
+        scores["format"] = [verifiers.get("format")(text, "") for text in texts]
+    scores = {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
+    if reward_model is not None:
+        scores["reward_model"] = reward_model_scores(reward_model, [row["messages"] + [
+            {"role": "assistant", "content": text}] for row, text in zip(rows, texts)], args, device)
+    return scores
 
 
 def micro_batch(sequences, packed, pad_id):
@@ -343,7 +360,7 @@ def training_micro_batches(args, device, pad_id, prompts, completions, sampler_l
     return micro_batches
 
 
-def make_rollout(args, run, index, model, reference, generator, train, tokenizer, pad_id, eot_id):
+def make_rollout(args, run, index, model, reference, reward_model, generator, train, tokenizer, pad_id, eot_id):
     """Rollout `index`: this rank's groups sampled and scored; the rewards, advantages and loss weights of the
     global batch; this rank's micro-batches, with reference and old log-probs where needed."""
     G, t0 = args.num_generations, time.perf_counter()
@@ -358,7 +375,7 @@ def make_rollout(args, run, index, model, reference, generator, train, tokenizer
     t_generation = time.perf_counter() - t0
 
     # every rank's scores, so that groups, batch statistics and the loss normalization see the global batch
-    scores = all_gather_columns(score_completions(rows, completions, ended, tokenizer, args.format_reward),
+    scores = all_gather_columns(score_completions(rows, completions, ended, tokenizer, reward_model, args, run.device),
                                 run.device)
     rewards = completion_rewards(scores, args)
     advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
@@ -389,11 +406,12 @@ def make_rollout(args, run, index, model, reference, generator, train, tokenizer
                "perf/time_generation": t_generation,
                "perf/rollout_tokens_per_second": scores["length"].sum().item() / t_generation}
     verifier_of = [train[i]["verifier"] for i in indices for _ in range(G)]
-    for name in sorted(set(verifier_of)):
+    for name in sorted(set(verifier_of) - {""}):  # each verifier's mean score; a learned reward's beside them
         of_name = torch.tensor([v == name for v in verifier_of])
         metrics[f"rewards/{name}/mean"] = scores["verifier"][of_name].mean().item()
-    if args.format_reward:
-        metrics["rewards/format/mean"] = scores["format"].mean().item()
+    for name in ("format", "reward_model"):
+        if name in scores:
+            metrics[f"rewards/{name}/mean"] = scores[name].mean().item()
     prompt_lengths = torch.tensor([len(train[i]["prompt_ids"]) for i in indices]).repeat_interleave(G)
     return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(kept.sum()),
             # the prompt and completion tokens that the training forwards process, for throughput
@@ -415,11 +433,14 @@ def check_args(args):
         raise InputError(f"need 0 < --top_p <= 1 and --beta >= 0, got {args.top_p} and {args.beta}")
     if not 0 <= args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high < 0):
         raise InputError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
-    if args.reward_weights is not None and len(args.reward_weights) != 1 + args.format_reward:
-        raise InputError(f"--reward_weights needs {1 + args.format_reward} values ([verifier]"
-                         f"{', format' if args.format_reward else ''}), got {args.reward_weights}")
+    rewards = ["verifier"] + ["format"] * args.format_reward + ["reward model"] * bool(args.reward_model)
+    if args.reward_weights is not None and len(args.reward_weights) != len(rewards):
+        raise InputError(f"--reward_weights needs {len(rewards)} values ({', '.join(rewards)}), got "
+                         f"{args.reward_weights}")
     check_common_args(args, at_least_one=["max_prompt_len", "max_completion_len", "num_iterations"],
-                      positive=["temperature"], demo_stages=["dpo", "sft"])
+                      positive=["temperature"], models=["reward_model"], demo_stages=["dpo", "sft"])
+    if args.reward_model:
+        check_reward_model(args.reward_model)
     if args.top_p < 1 and args.sampler_correction.startswith("sequence") and os.environ.get("RANK", "0") == "0":
         print(f"WARNING: --top_p {args.top_p} with --sampler_correction {args.sampler_correction}: the sampler draws "
               "from the renormalized nucleus, so every token's weight exp(trainer - sampler) is below 1 and a "
@@ -431,20 +452,21 @@ def main(args):
     check_args(args)
     run = Run(args, "grpo")
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len)
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model))
     evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len) if args.eval_dataset else None
     prompts_per_step = args.per_device_batch_size * args.grad_accum_steps // args.num_generations * run.world
     total_steps = run.total_steps(len(train), prompts_per_step, "prompts", args.num_iterations)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
-    # the policy; a frozen reference, its parameters stored in the compute dtype (FSDP would cast them to it in
-    # every forward anyway); a whole copy of the policy on each rank, which samples
+    # the policy; a frozen reference and reward model, their parameters stored in the compute dtype (FSDP would cast
+    # them to it in every forward anyway); a whole copy of the policy on each rank, which samples
     full = load_full(args.model, args.attn_implementation, run, model_config(args.model, dropout=False))
     model = run.build(PolicyLogprobs, args.model, full, dropout=False,
                       gradient_checkpointing=args.gradient_checkpointing)
     reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False).eval().requires_grad_(
         False) if args.beta > 0 else None
     del full
+    reward_model = load_reward_model(args.reward_model, run) if args.reward_model else None
     generator = generation_copy(model, run.compute_dtype, run.device, args.attn_implementation)
     optimizer, scheduler = adamw(model, args.lr, args, total_steps)
     torch.manual_seed(args.seed + run.rank)  # each rank samples different completions, reproducibly (or as resumed)
@@ -465,8 +487,8 @@ def main(args):
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         if (step - 1) % args.num_iterations == 0:
-            rollout = make_rollout(args, run, (step - 1) // args.num_iterations, model, reference, generator, train,
-                                   tokenizer, pad_id, eot_id)
+            rollout = make_rollout(args, run, (step - 1) // args.num_iterations, model, reference, reward_model,
+                                   generator, train, tokenizer, pad_id, eot_id)
         t_train = time.perf_counter()
         totals = Totals(run.device)  # this step's statistics by name, summed over micro-batches and ranks
         for mb in rollout["micro_batches"]:
@@ -934,6 +956,95 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
+def load_sequence_classifier(name, run, role, new_head=True):
+    """The whole one-label sequence classifier (the decoder and a `score` Linear(H, 1)) of `name` in fp32 on rank 0
+    (None elsewhere), dropout off, for a value or reward model (`role`, for messages): a checkpoint with a score
+    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct, where
+    new_head allows it (a reward model that scores must bring its own)."""
+    if run.rank != 0:
+        return None
+    config = model_config(name, dropout=False, num_labels=1)
+    attention = run.args.attn_implementation
+    if has_weights(name):
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its report would list the new head as a missing weight
+        try:
+            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        missing = sorted(set(info["missing_keys"]) - ({"score.weight", "score.bias"} if new_head else set()))
+        if missing:
+            raise InputError(f"{role} {name}: no weights for {missing[:5]}")
+        new_head = "score.weight" in info["missing_keys"]
+    elif not new_head:
+        raise InputError(f"{role} {name}: a config without weights")
+    else:
+        seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention,
+                                                                dtype=torch.float32)
+    if new_head:
+        torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+        if seqcls.score.bias is not None:
+            torch.nn.init.zeros_(seqcls.score.bias)
+    if not run.args.resume:  # a resumed run's weights come from its checkpoint
+        print(f"{role}: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
+    return seqcls
+
+
+def check_reward_model(name):
+    """--reward_model must be a sequence classifier with one label (reward_model.py's final/, or a hub reward
+    model), as its config says, before anything is loaded."""
+    config = AutoConfig.from_pretrained(name)
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"--reward_model {name}: not a sequence classifier with one label (architectures "
+                         f"{architectures}, {config.num_labels} labels); reward_model.py trains one")
+
+
+def load_reward_model(name, run):
+    """The frozen reward model of --reward_model, sharded like the reference and stored in the compute dtype, with
+    its own tokenizer and padding id: (model, tokenizer, pad_id), for reward_model_scores."""
+    tokenizer, _, _, pad_id = load_tokenizer(name)
+    model = run.build(RewardScores, name, load_sequence_classifier(name, run, "reward model", new_head=False),
+                      run.compute_dtype, dropout=False, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    return model.eval().requires_grad_(False), tokenizer, pad_id
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, conversations, args, device):
+    """The reward model's score of each conversation [n] (float64, CPU), rendered with the reward model's own chat
+    template and tokenizer (whatever the policy's are) and read at its last token, where reward_model.py trains
+    it and transformers' sequence classifiers read. Every rank runs as many micro-batches as the busiest (FSDP)."""
+    model, tokenizer, pad_id = reward_model
+    ids = [tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False).input_ids
+           for conversation in conversations]
+
+    def tokens(chunk):  # what a forward of these conversations processes: their tokens, or rows x longest (padded)
+        return sum(len(ids[j]) for j in chunk) if args.padding_free else len(chunk) * max(len(ids[j]) for j in chunk)
+
+    scores = torch.zeros(len(ids), dtype=torch.float64)
+    for chunk in rank_micro_batches(list(range(len(ids))), tokens, args.per_device_batch_size,
+                                    args.max_tokens_per_micro_batch, device):
+        batch = collate([(ids[j], [-100] * (len(ids[j]) - 1) + [0]) for j in chunk], args.padding_free, pad_id)
+        scores[chunk] = model(**to_device(batch, device)).double().cpu()
+    model.reshard()  # FSDP keeps the root's parameters gathered after a forward without backward
+    return scores
+
+
+class RewardScores(torch.nn.Module):
+    """A Hugging Face sequence classifier (the decoder and a `score` Linear(H, 1)) -> a score per sequence [rows], at
+    the token its targets mark (its last). The head runs here, in the FSDP root: FSDP unshards and reduces it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, targets, **inputs):
+        hidden = self.lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        scores = self.lm.score(hidden[targets.flatten() != -100]).squeeze(-1).float()
+        return scores.clone()  # a copy: FSDP's backward hook on a returned view could be lost
+
+
 @torch.no_grad()
 def materialize(model, full, device):
     """Fills the sharded meta-device `model` (a wrapper holding the model as .lm) with the weights of `full`,
@@ -1207,12 +1318,18 @@ def launch(main, args_class):
         sys.exit(1)
 
 
-def check_rl_row(row, where):
+def check_rl_row(row, where, verified=True):
     """A usable RL row: a prompt conversation that does not end with an assistant turn, a string ground truth,
-    and in `dataset` a registered verifier that accepts that ground truth; InputError names the row."""
+    and in `dataset` a registered verifier that accepts that ground truth (unless `verified` is False: a
+    reward model scores rows without both); InputError names the row."""
     check_messages(row.get("messages"), where)
     if row["messages"][-1]["role"] == "assistant":
         raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if row.get("ground_truth") is None and row.get("dataset") is None:
+        if verified:
+            raise InputError(f"{where}: no `ground_truth` and `dataset` for a verifier to score it (a prompt-only "
+                             "row needs --reward_model)")
+        return
     if not isinstance(row.get("ground_truth"), str):
         raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
     if not isinstance(row.get("dataset"), str):
@@ -1223,18 +1340,19 @@ def check_rl_row(row, where):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
     """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
-    `ground_truth`, `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a
-    malformed row stops the run with its index."""
+    `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
+    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
+    the run with its index."""
 
     def prepare(row, index):
-        check_rl_row(row, f"{name} row {index}")
+        check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
 
-    return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,
+    return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
                            f"have a prompt longer than --max_prompt_len={max_prompt_len}")
 

@@ -88,8 +88,14 @@ AttentionInterface.register("packed", packed_attention)
 @dataclass
 class Args:
     # PPO
+    reward_model: str | None = None
+    """a reward model (reward_model.py's final/, or a hub sequence classifier with one label) whose score of the prompt
+    and completion is added to the score (RLHF); rows without ground_truth and dataset are then scored by it alone"""
+    reward_model_weight: float = 1.0
+    """weight of the reward model's score in the score"""
     value_model: str | None = None
-    """value model init: a reward model or causal LM (hub id or dir); None: --model with a new head"""
+    """value model init: a reward model or causal LM (hub id or dir); None: --reward_model if given (InstructGPT),
+    else --model, with a new head"""
     value_lr: float | None = None
     """value model learning rate (None: --lr)"""
     num_mini_batches: int = 1
@@ -107,6 +113,9 @@ class Args:
     """score = verifier output in [0, 1] times this (Tulu 3: 10)"""
     non_stop_penalty: float | None = -10.0
     """score of a completion without an end-of-turn token, replacing its verifier's (Tulu 3: -10; None: off)"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the score of a completion without an end-of-turn token (TRL's way; --non_stop_penalty is
+    open-instruct's, which replaces the score)"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (without shifting their mean) before GAE"""
     gamma: float = 1.0
@@ -335,14 +344,18 @@ class ValueModel(torch.nn.Module):
 # The rollout: sample, score, then log-probs, values, KL-penalized rewards and GAE advantages
 
 
-def completion_scores(verified, ended, args):
+def completion_scores(verified, reward_model_scores, ended, args):
     """Each completion's score, which token_rewards places on its last token: the one place that shapes the
-    reward (add a length penalty or another scorer here). The verifier's score in [0, 1] times
-    --verification_reward, replaced by --non_stop_penalty where the completion has no end-of-turn token."""
-    scores = verified * args.verification_reward
+    reward (add a length penalty or another scorer here). The verifier's score in [0, 1] (NaN: a row without a
+    verifier) times --verification_reward, plus the reward model's score (or None) times --reward_model_weight;
+    replaced by --non_stop_penalty, or lowered by --missing_eos_penalty, where the completion has no end-of-turn
+    token."""
+    scores = verified.nan_to_num() * args.verification_reward
+    if reward_model_scores is not None:
+        scores = scores + args.reward_model_weight * reward_model_scores
     if args.non_stop_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.non_stop_penalty))
-    return scores
+    return scores - args.missing_eos_penalty * ~ended
 
 
 def micro_batches(sequences, mask, rows, per_device, max_tokens, packed, pad_id):
@@ -383,7 +396,8 @@ def rollout_forwards(args, policy, reference, value_model, sequences, mask, pad_
 
 
 @torch.no_grad()
-def make_rollout(args, run, index, policy, reference, value_model, generator, train, tokenizer, pad_id, eot_id):
+def make_rollout(args, run, index, policy, reference, value_model, reward_model, generator, train, tokenizer, pad_id,
+                 eot_id):
     """Samples a completion for each of this rank's prompts of rollout `index`, scores it, and computes
     everything the PPO epochs need: old log-probs, reference log-probs and values, KL-penalized per-token
     rewards, GAE advantages (whitened over all ranks) and returns; and the rollout's statistics (Totals)."""
@@ -398,10 +412,13 @@ def make_rollout(args, run, index, policy, reference, value_model, generator, tr
         width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
     t_generation = time.perf_counter() - t0
     ended = torch.tensor(ended, device=run.device)
-    verified = torch.tensor([verifiers.get(r["verifier"])(tokenizer.decode(c, skip_special_tokens=True),
-                                                          r["ground_truth"]) for r, c in zip(rows, completions)],
-                            device=run.device)
-    scores = completion_scores(verified, ended, args)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    verified = torch.tensor([verifiers.get(r["verifier"])(text, r["ground_truth"]) if r["verifier"] else math.nan
+                             for r, text in zip(rows, texts)], device=run.device)
+    conversations = [r["messages"] + [{"role": "assistant", "content": text}] for r, text in zip(rows, texts)]
+    learned = None if reward_model is None else reward_model_scores(reward_model, conversations, args, run.device).to(
+        run.device, torch.float32)
+    scores = completion_scores(verified, learned, ended, args)
 
     # the completions laid out [B, R] (R: the longest), with the log-probs the generation copy drew them with
     mask = torch.zeros(len(rows), max(map(len, completions)), dtype=torch.bool, device=run.device)
@@ -426,8 +443,11 @@ def make_rollout(args, run, index, policy, reference, value_model, generator, tr
 
     totals = Totals(run.device)  # the rollout's statistics by name, summed (or extremes) over all ranks
     totals.add(kl=kl.sum(), neg_logp=-(old_logp * maskf).sum(), non_score_reward=non_score.sum(), score=scores.sum(),
-               verified=verified.sum(), ended=ended.sum(), completion_tokens=maskf.sum(),
-               entropy=(entropy * maskf).sum(), tokens=sum(len(ids) for ids, _ in sequences))
+               verified=verified.nan_to_num().sum(), verifiable=(~verified.isnan()).sum(), ended=ended.sum(),
+               completion_tokens=maskf.sum(), entropy=(entropy * maskf).sum(),
+               tokens=sum(len(ids) for ids, _ in sequences))
+    if learned is not None:
+        totals.add(reward_model_score=learned.sum())
     totals.max(score_max=scores.max())
     totals.min(score_min=scores.min())
     sampler_mismatch(totals, old_logp=old_logp[mask], sampler_logp=sampler_logp[mask],
@@ -453,31 +473,36 @@ def check_args(args):
                          f"rollout: {args.max_steps} is not a multiple of {updates}")
     check_common_args(args, at_least_one=["num_mini_batches", "num_ppo_epochs", "max_prompt_len", "max_completion_len",
                                           "eval_batch_size"], positive=["temperature", "epsilon", "epsilon_value"],
-                      models=["value_model"], demo_stages=["dpo", "sft"])
+                      models=["value_model", "reward_model"], demo_stages=["dpo", "sft"])
+    if args.reward_model:
+        check_reward_model(args.reward_model)
 
 
 def main(args):
     check_args(args)
     run = Run(args, "ppo")
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len)
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model))
     evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len) if args.eval_dataset else None
     updates = args.num_ppo_epochs * args.num_mini_batches  # optimizer steps per rollout
     local_batch = args.per_device_batch_size * args.grad_accum_steps * args.num_mini_batches
     batch_size = local_batch * run.world
     total_steps = run.total_steps(len(train), batch_size, "prompts", updates)
 
-    # policy, frozen reference (the starting policy, stored in the compute dtype) and value model, dropout off;
-    # an unsharded copy of the policy on each rank samples
+    # policy, frozen reference (the starting policy) and reward model, both stored in the compute dtype, and value
+    # model (from the reward model where there is one, as InstructGPT), dropout off; an unsharded copy of the policy
+    # on each rank samples
     full = load_full(args.model, args.attn_implementation, run, model_config(args.model, dropout=False))
     policy = run.build(PolicyLogprobs, args.model, full, dropout=False,
                        gradient_checkpointing=args.gradient_checkpointing)
     reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False).eval().requires_grad_(
         False)
     del full
-    value_model = run.build(ValueModel, args.value_model or args.model, load_sequence_classifier(
-        args.value_model or args.model, run, "value model"), dropout=False,
-        gradient_checkpointing=args.gradient_checkpointing, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    reward_model = load_reward_model(args.reward_model, run) if args.reward_model else None
+    value_init = args.value_model or args.reward_model or args.model
+    value_model = run.build(ValueModel, value_init, load_sequence_classifier(value_init, run, "value model"),
+                            dropout=False, gradient_checkpointing=args.gradient_checkpointing,
+                            auto_class=AutoModelForSequenceClassification, num_labels=1)
     generator = generation_copy(policy, run.compute_dtype, run.device, args.attn_implementation)
     (policy_optimizer, policy_scheduler), (value_optimizer, value_scheduler) = (
         adamw(policy, args.lr, args, total_steps), adamw(value_model, args.value_lr or args.lr, args, total_steps))
@@ -498,7 +523,8 @@ def main(args):
     minibatch = args.per_device_batch_size * args.grad_accum_steps
     for index in range(start_step // updates, total_steps // updates):
         t0 = time.perf_counter()
-        r = make_rollout(args, run, index, policy, reference, value_model, generator, train, tokenizer, pad_id, eot_id)
+        r = make_rollout(args, run, index, policy, reference, value_model, reward_model, generator, train, tokenizer,
+                         pad_id, eot_id)
         t_train = time.perf_counter()
         totals = r["totals"]  # the rollout's statistics, then the epochs' (by name, summed over ranks when logged)
         lrs = [policy_scheduler.get_last_lr()[0], value_scheduler.get_last_lr()[0]]
@@ -538,7 +564,6 @@ def main(args):
                 "objective/non_score_reward": sums["non_score_reward"] / batch_size,
                 "objective/rlhf_reward": (sums["non_score_reward"] + sums["score"]) / batch_size,
                 "objective/scores": sums["score"] / batch_size,
-                "objective/verifiable_correct_rate": sums["verified"] / batch_size,
                 "policy/approxkl_avg": sums["approx_kl"] / seen, "policy/clipfrac_avg": sums["policy_clipped"] / seen,
                 "policy/entropy_avg": sums["entropy"] / sums["completion_tokens"],
                 "loss/policy_avg": sums["policy_loss"] / seen, "loss/value_avg": sums["value_loss"] / seen,
@@ -552,6 +577,10 @@ def main(args):
                 **throughput(run, policy, sums["tokens"] * args.num_ppo_epochs, batch_size * args.num_ppo_epochs,
                              now - t_train),
                 **sampling_metrics(sums)}
+            if sums["verifiable"]:  # the verifier's accuracy beside the learned reward: over-optimization shows
+                metrics["objective/verifiable_correct_rate"] = sums["verified"] / sums["verifiable"]
+            if "reward_model_score" in sums:
+                metrics["objective/reward_model_score"] = sums["reward_model_score"] / batch_size
             warn_without_signal(run, stuck, {
                 f"every completion of the last {PATIENCE} rollouts was cut at --max_completion_len "
                 f"{args.max_completion_len} before its end-of-turn token: raise it, or train the model to end its "
@@ -977,10 +1006,11 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
-def load_sequence_classifier(name, run, role):
+def load_sequence_classifier(name, run, role, new_head=True):
     """The whole one-label sequence classifier (the decoder and a `score` Linear(H, 1)) of `name` in fp32 on rank 0
     (None elsewhere), dropout off, for a value or reward model (`role`, for messages): a checkpoint with a score
-    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
+    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct, where
+    new_head allows it (a reward model that scores must bring its own)."""
     if run.rank != 0:
         return None
     config = model_config(name, dropout=False, num_labels=1)
@@ -993,14 +1023,15 @@ def load_sequence_classifier(name, run, role):
                 name, config=config, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
         finally:
             transformers_logging.set_verbosity(verbosity)
-        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
+        missing = sorted(set(info["missing_keys"]) - ({"score.weight", "score.bias"} if new_head else set()))
         if missing:
             raise InputError(f"{role} {name}: no weights for {missing[:5]}")
         new_head = "score.weight" in info["missing_keys"]
+    elif not new_head:
+        raise InputError(f"{role} {name}: a config without weights")
     else:
         seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention,
                                                                 dtype=torch.float32)
-        new_head = True
     if new_head:
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
@@ -1008,6 +1039,60 @@ def load_sequence_classifier(name, run, role):
     if not run.args.resume:  # a resumed run's weights come from its checkpoint
         print(f"{role}: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
     return seqcls
+
+
+def check_reward_model(name):
+    """--reward_model must be a sequence classifier with one label (reward_model.py's final/, or a hub reward
+    model), as its config says, before anything is loaded."""
+    config = AutoConfig.from_pretrained(name)
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"--reward_model {name}: not a sequence classifier with one label (architectures "
+                         f"{architectures}, {config.num_labels} labels); reward_model.py trains one")
+
+
+def load_reward_model(name, run):
+    """The frozen reward model of --reward_model, sharded like the reference and stored in the compute dtype, with
+    its own tokenizer and padding id: (model, tokenizer, pad_id), for reward_model_scores."""
+    tokenizer, _, _, pad_id = load_tokenizer(name)
+    model = run.build(RewardScores, name, load_sequence_classifier(name, run, "reward model", new_head=False),
+                      run.compute_dtype, dropout=False, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    return model.eval().requires_grad_(False), tokenizer, pad_id
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, conversations, args, device):
+    """The reward model's score of each conversation [n] (float64, CPU), rendered with the reward model's own chat
+    template and tokenizer (whatever the policy's are) and read at its last token, where reward_model.py trains
+    it and transformers' sequence classifiers read. Every rank runs as many micro-batches as the busiest (FSDP)."""
+    model, tokenizer, pad_id = reward_model
+    ids = [tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False).input_ids
+           for conversation in conversations]
+
+    def tokens(chunk):  # what a forward of these conversations processes: their tokens, or rows x longest (padded)
+        return sum(len(ids[j]) for j in chunk) if args.padding_free else len(chunk) * max(len(ids[j]) for j in chunk)
+
+    scores = torch.zeros(len(ids), dtype=torch.float64)
+    for chunk in rank_micro_batches(list(range(len(ids))), tokens, args.per_device_batch_size,
+                                    args.max_tokens_per_micro_batch, device):
+        batch = collate([(ids[j], [-100] * (len(ids[j]) - 1) + [0]) for j in chunk], args.padding_free, pad_id)
+        scores[chunk] = model(**to_device(batch, device)).double().cpu()
+    model.reshard()  # FSDP keeps the root's parameters gathered after a forward without backward
+    return scores
+
+
+class RewardScores(torch.nn.Module):
+    """A Hugging Face sequence classifier (the decoder and a `score` Linear(H, 1)) -> a score per sequence [rows], at
+    the token its targets mark (its last). The head runs here, in the FSDP root: FSDP unshards and reduces it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, targets, **inputs):
+        hidden = self.lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        scores = self.lm.score(hidden[targets.flatten() != -100]).squeeze(-1).float()
+        return scores.clone()  # a copy: FSDP's backward hook on a returned view could be lost
 
 
 @torch.no_grad()
@@ -1283,12 +1368,18 @@ def launch(main, args_class):
         sys.exit(1)
 
 
-def check_rl_row(row, where):
+def check_rl_row(row, where, verified=True):
     """A usable RL row: a prompt conversation that does not end with an assistant turn, a string ground truth,
-    and in `dataset` a registered verifier that accepts that ground truth; InputError names the row."""
+    and in `dataset` a registered verifier that accepts that ground truth (unless `verified` is False: a
+    reward model scores rows without both); InputError names the row."""
     check_messages(row.get("messages"), where)
     if row["messages"][-1]["role"] == "assistant":
         raise InputError(f"{where}: the prompt ends with an assistant message; the policy writes that turn")
+    if row.get("ground_truth") is None and row.get("dataset") is None:
+        if verified:
+            raise InputError(f"{where}: no `ground_truth` and `dataset` for a verifier to score it (a prompt-only "
+                             "row needs --reward_model)")
+        return
     if not isinstance(row.get("ground_truth"), str):
         raise InputError(f"{where}: `ground_truth` must be a string, got {row.get('ground_truth')!r:.200}")
     if not isinstance(row.get("dataset"), str):
@@ -1299,18 +1390,19 @@ def check_rl_row(row, where):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None):
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
     """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
-    `ground_truth`, `dataset`: the verifier), those whose templated prompt fits in max_prompt_len (None: all); a
-    malformed row stops the run with its index."""
+    `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
+    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
+    the run with its index."""
 
     def prepare(row, index):
-        check_rl_row(row, f"{name} row {index}")
+        check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
 
-    return prepare_dataset(name, split, ["messages", "ground_truth", "dataset"], prepare,
+    return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
                            f"have a prompt longer than --max_prompt_len={max_prompt_len}")
 

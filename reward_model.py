@@ -153,7 +153,7 @@ def reward_loss(chosen_scores, rejected_scores, margins, center_rewards_coeffici
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: preference rows -> the token ids of both conversations and the margin; the model: a score for each
+# Data: preference rows -> the token ids of both conversations and the margin (scored by RewardScores, below)
 
 
 def tokenize_dataset(name, split, tokenizer, pad_id, max_seq_len):
@@ -197,20 +197,6 @@ def micro_batches(rows, indices, rank, world, per_device, max_tokens, packed, pa
                              for ids in (rows[i][f"{side}_ids"] for side in ("chosen", "rejected") for i in chunk)],
                             packed, pad_id))
             for chunk in chunks[rank::world]]
-
-
-class RewardScores(torch.nn.Module):
-    """A Hugging Face sequence classifier (the decoder and a `score` Linear(H, 1)) -> a score per sequence [rows], at
-    the token its targets mark (its last). The head runs here, in the FSDP root: FSDP unshards and reduces it."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, targets, **inputs):
-        hidden = self.lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
-        scores = self.lm.score(hidden[targets.flatten() != -100]).squeeze(-1).float()
-        return scores.clone()  # a copy: FSDP's backward hook on a returned view could be lost
 
 
 @torch.no_grad()
@@ -724,10 +710,11 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
     return auto_class.from_pretrained(name, config=config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
-def load_sequence_classifier(name, run, role):
+def load_sequence_classifier(name, run, role, new_head=True):
     """The whole one-label sequence classifier (the decoder and a `score` Linear(H, 1)) of `name` in fp32 on rank 0
     (None elsewhere), dropout off, for a value or reward model (`role`, for messages): a checkpoint with a score
-    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct."""
+    head keeps it; a causal LM (or a config only) gets a new one with std 1/sqrt(H + 1), as open-instruct, where
+    new_head allows it (a reward model that scores must bring its own)."""
     if run.rank != 0:
         return None
     config = model_config(name, dropout=False, num_labels=1)
@@ -740,14 +727,15 @@ def load_sequence_classifier(name, run, role):
                 name, config=config, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
         finally:
             transformers_logging.set_verbosity(verbosity)
-        missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
+        missing = sorted(set(info["missing_keys"]) - ({"score.weight", "score.bias"} if new_head else set()))
         if missing:
             raise InputError(f"{role} {name}: no weights for {missing[:5]}")
         new_head = "score.weight" in info["missing_keys"]
+    elif not new_head:
+        raise InputError(f"{role} {name}: a config without weights")
     else:
         seqcls = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention,
                                                                 dtype=torch.float32)
-        new_head = True
     if new_head:
         torch.nn.init.normal_(seqcls.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
         if seqcls.score.bias is not None:
@@ -755,6 +743,20 @@ def load_sequence_classifier(name, run, role):
     if not run.args.resume:  # a resumed run's weights come from its checkpoint
         print(f"{role}: {name} with " + ("a new score head, std 1/sqrt(H+1)" if new_head else "its own head"))
     return seqcls
+
+
+class RewardScores(torch.nn.Module):
+    """A Hugging Face sequence classifier (the decoder and a `score` Linear(H, 1)) -> a score per sequence [rows], at
+    the token its targets mark (its last). The head runs here, in the FSDP root: FSDP unshards and reduces it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, targets, **inputs):
+        hidden = self.lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        scores = self.lm.score(hidden[targets.flatten() != -100]).squeeze(-1).float()
+        return scores.clone()  # a copy: FSDP's backward hook on a returned view could be lost
 
 
 @torch.no_grad()
