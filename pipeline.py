@@ -1,13 +1,14 @@
-"""The whole post-training pipeline on the built-in arithmetic task, offline, on a laptop CPU:
-SFT from a random tiny model, then DPO from the SFT model, then GRPO and PPO each from the DPO
-model, with held-out accuracy (eval.py, greedy) after every stage, a results table and a plot of
-every stage's training curves.
+"""The whole post-training pipeline on the built-in arithmetic task, offline, on a laptop CPU: SFT
+from a random tiny model; DPO and a reward model from the SFT model; GRPO and PPO against the verifier,
+and PPO against the reward model, each from the DPO model; and rejection-sampling SFT of the SFT model
+on its own best samples. Held-out accuracy (eval.py, greedy) after every stage, a results table and a
+plot of every stage's training curves.
 
     python pipeline.py                        # minutes on a laptop CPU (measured: the README)
     python pipeline.py --nproc 2              # each stage under torchrun with 2 processes
     python pipeline.py --scale 0.3            # fewer steps: a quick check that everything runs
 
-Each stage is the plain script with the flags below: the commands it prints are the commands to
+Each stage is the plain scripts with the flags below: the commands it prints are the commands to
 run by hand. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/results.md,
 output_dir/pipeline.png. Running a stage again into the same output_dir needs
 --overwrite_output_dir; `python eval.py --model runs/pipeline/grpo/final` evaluates a stage again.
@@ -26,22 +27,42 @@ import tyro
 
 import eval as evaluation
 
-# The demo recipe: (stage, script, model it starts from, flags). Step counts are scaled by --scale.
+# The demo recipe: (stage, the stage whose model it starts from, what it learns from, commands). A command is a
+# script and its flags, where {name} is output_dir/name, a stage's directory. Each command also gets --model (the
+# starting model) and --seed, a training script also --output_dir (the stage's directory); --scale multiplies
+# the step counts.
+PPO = ["--max_steps", "120", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0", "--num_ppo_epochs", "2",
+       "--per_device_batch_size", "64", "--eval_every", "40"]
 STAGES = [
-    ("sft", "sft.py", None, ["--num_epochs", "4", "--eval_every", "75"]),
-    ("dpo", "dpo.py", "sft", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5", "--max_steps", "64",
-                              "--eval_every", "16"]),
-    ("grpo", "grpo.py", "dpo", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1",
-                                "--lr_schedule", "cosine", "--per_device_batch_size", "128", "--eval_every", "25"]),
-    ("ppo", "ppo_rlvr.py", "dpo", ["--max_steps", "120", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0",
-                                   "--num_ppo_epochs", "2", "--per_device_batch_size", "64", "--eval_every", "40"]),
+    ("sft", None, "the teacher's demonstrations", [("sft.py", ["--num_epochs", "4", "--eval_every", "75"])]),
+    ("dpo", "sft", "preference pairs", [("dpo.py", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5",
+                                                    "--max_steps", "64", "--eval_every", "16"])]),
+    ("reward_model", "sft", "preference pairs", [("reward_model.py", ["--num_epochs", "1", "--eval_every", "47"])]),
+    ("grpo", "dpo", "the verifier", [("grpo.py", ["--max_steps", "150", "--lr", "1e-4", "--warmup_ratio", "0.1",
+                                                  "--lr_schedule", "cosine", "--per_device_batch_size", "128",
+                                                  "--eval_every", "25"])]),
+    ("ppo", "dpo", "the verifier", [("ppo_rlvr.py", PPO)]),
+    ("ppo_rm", "dpo", "the reward model", [("ppo_rlvr.py", PPO + ["--reward_model", "{reward_model}/final",
+                                                                  "--verification_reward", "0"])]),
+    ("rs_sft", "sft", "its own samples, the best of 4 by the verifier", [
+        ("eval.py", ["--dataset", "data/rl_train.jsonl", "--max_rows", "1500", "--num_samples", "4",
+                     "--temperature", "1.0", "--max_completion_len", "32", "--output", "{rs_sft}/samples.jsonl",
+                     "--sft_output", "{rs_sft}/best_of_4.jsonl", "--sft_min_score", "1"]),
+        ("sft.py", ["--dataset", "{rs_sft}/best_of_4.jsonl", "--eval_dataset", "None", "--num_epochs", "1",
+                    "--lr", "3e-4", "--warmup_ratio", "0"])]),
 ]
 # The curves plotted for each stage: (y-axis label, metric names) per y-axis; a second one is drawn
 # on the right.
 CURVES = {"sft": [("loss (nats per token)", ["loss", "eval/loss"])],
           "dpo": [("loss", ["loss"]), ("implicit reward accuracy", ["rewards/accuracies", "eval/rewards/accuracies"])],
+          "reward_model": [("loss", ["loss"]), ("pair accuracy", ["accuracy", "eval/accuracy"])],
           "grpo": [("reward, accuracy", ["reward", "eval/accuracy"])],
-          "ppo": [("fraction correct", ["objective/verifiable_correct_rate", "eval/accuracy"])]}
+          "ppo": [("fraction correct", ["objective/verifiable_correct_rate", "eval/accuracy"])],
+          "ppo_rm": [("reward model's score", ["objective/reward_model_score"]),
+                     ("fraction correct", ["objective/verifiable_correct_rate", "eval/accuracy"])],
+          "rs_sft": [("loss (nats per token)", ["loss"])]}
+# the stages whose model is a policy, evaluated on the held-out problems (the reward model scores pairs)
+POLICIES = [stage for stage, *_ in STAGES if stage != "reward_model"]
 
 
 # The held-out problems the SFT teacher demonstrates wrong (data/make_data.py): two-digit
@@ -62,7 +83,7 @@ class Args:
     """processes per stage (torchrun --nproc_per_node) when > 1"""
     scale: float = 1.0
     """multiplies every stage's step count (epochs for SFT): < 1 for a quick run"""
-    stages: tuple[str, ...] = ("sft", "dpo", "grpo", "ppo")
+    stages: tuple[str, ...] = tuple(stage for stage, *_ in STAGES)
     """which stages to run, in order; a stage's starting model must exist (from this or an earlier run)"""
     eval_rows: int = 300
     """held-out rows evaluated after each stage"""
@@ -88,8 +109,8 @@ def scaled(flags, scale):
     return out
 
 
-def run_stage(script, flags, nproc):
-    """Runs a stage to its end. Ctrl-C reaches the stage too (the same terminal): the stage saves a
+def run_command(script, flags, nproc):
+    """Runs a stage's command to its end. Ctrl-C reaches it too (the same terminal): a training script saves a
     resumable step_N and exits, and then the pipeline stops; a second Ctrl-C ends both at once."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
@@ -125,14 +146,14 @@ def read_metrics(path):
 
 def figure(output_dir, stages, accuracies, carry_accuracies):
     """Each stage's curves from output_dir/<stage>/metrics.jsonl, on the y-axes CURVES gives it, and the
-    held-out accuracies after each stage as bars: panels of three across, about 900 pixels wide."""
+    held-out accuracies after each stage with a policy as bars: panels of three across, about 900 pixels wide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = (len(stages) + 1 + 2) // 3
-    fig = plt.figure(figsize=(9, 3 * rows))
+    fig = plt.figure(figsize=(9, 3.3 * rows))
     grid = fig.add_gridspec(rows, 3)
     axes = [fig.add_subplot(grid[i // 3, i % 3]) for i in range(len(stages))]
     axes.append(fig.add_subplot(grid[len(stages) // 3, len(stages) % 3:]))  # the bars take the rest of the row
@@ -147,18 +168,20 @@ def figure(output_dir, stages, accuracies, carry_accuracies):
                                          color=f"C{len(lines)}")
             y_axis.set_ylabel(ylabel, fontsize=9)
             y_axis.tick_params(labelsize=8)
-        ax.set_title(stage.upper(), fontsize=10)
+        ax.set_title(stage.upper().replace("_", " "), fontsize=10)
         ax.set_xlabel("step", fontsize=9, labelpad=1)
         # below the panel, clear of every curve on either y-axis
-        ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False,
-                  handlelength=1.5, columnspacing=1)
+        long_names = any(len(line.get_label()) > 24 for line in lines)
+        ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if long_names else 2,
+                  frameon=False, handlelength=1.5, columnspacing=1, borderaxespad=0, labelspacing=0.2)
+    policies = [stage for stage in stages if stage in accuracies]
     for shift, values, color, label in ((-0.2, accuracies, "tab:green", "all"),
                                         (0.2, carry_accuracies, "tab:orange", "carry problems")):
-        xs = [i + shift for i in range(len(stages))]
-        axes[-1].bar(xs, [values[s] for s in stages], width=0.4, color=color, label=label)
-        for x, s in zip(xs, stages):
+        xs = [i + shift for i in range(len(policies))]
+        axes[-1].bar(xs, [values[s] for s in policies], width=0.4, color=color, label=label)
+        for x, s in zip(xs, policies):
             axes[-1].text(x, values[s], f"{values[s]:.0%}", ha="center", va="bottom", fontsize=8)
-    axes[-1].set_xticks(range(len(stages)), list(stages))
+    axes[-1].set_xticks(range(len(policies)), policies)
     axes[-1].set_title("held-out accuracy", fontsize=10)
     axes[-1].set_ylabel("greedy accuracy", fontsize=9)
     axes[-1].set_ylim(0, 1.3)  # bars up to 1 and their labels; the legend above them
@@ -181,18 +204,26 @@ def held_out_accuracy(model_dir, rows):
     return summary["accuracy"], sum(carry) / max(1, len(carry))
 
 
+def needs(stage, stage_specs):
+    """The stages whose output a stage uses: the one it starts from, and those its flags name ({name})."""
+    start, _, commands = stage_specs[stage]
+    named = {name for _, flags in commands for flag in flags for name in re.findall(r"\{(\w+)\}", flag)}
+    return sorted(({start} | named) - {None, stage})
+
+
 def check_args(args, stage_specs):
-    """The stages exist, each one's starting model exists or comes from an earlier stage of this run,
-    and no stage would overwrite an earlier run unless told to: before the first stage starts."""
+    """The stages exist, each one's inputs exist or come from an earlier stage of this run, and no stage would
+    overwrite an earlier run unless told to: before the first stage starts."""
     unknown = set(args.stages) - set(stage_specs)
     if unknown:
         raise InputError(f"--stages: unknown {sorted(unknown)}; choose from {list(stage_specs)}")
     for i, stage in enumerate(args.stages):
-        start = stage_specs[stage][1]
-        model = os.path.join(args.output_dir, start, "final") if start else None
-        if start and start not in args.stages[:i] and not os.path.isdir(model):
-            raise InputError(f"--stages: {stage} starts from {model}, which does not exist: run stage {start} "
-                             "first (add it to --stages)")
+        for needed in needs(stage, stage_specs):
+            model = os.path.join(args.output_dir, needed, "final")
+            if needed not in args.stages[:i] and not os.path.isdir(model):
+                verb = "starts from" if needed == stage_specs[stage][0] else "needs"
+                raise InputError(f"--stages: {stage} {verb} {model}, which does not exist: run stage {needed} "
+                                 "first (add it to --stages)")
         stage_dir = os.path.join(args.output_dir, stage)
         names = os.listdir(stage_dir) if os.path.isdir(stage_dir) else []
         if not args.overwrite_output_dir and any(n == "metrics.jsonl" or re.fullmatch(r"(step_\d+|final)(\.tmp)?", n)
@@ -201,39 +232,63 @@ def check_args(args, stage_specs):
                              "again, or another --output_dir")
 
 
+def stage_flags(script, flags, model, args, stage):
+    """A command's flags as run: --model and --seed, for a training script --output_dir and
+    --overwrite_output_dir, then its own with step counts scaled and {name} made a stage's directory."""
+    common = ["--model", model, "--seed", str(args.seed)]
+    if script != "eval.py":
+        common += ["--output_dir", os.path.join(args.output_dir, stage)] + \
+            ["--overwrite_output_dir"] * args.overwrite_output_dir
+    return common + [re.sub(r"\{(\w+)\}", lambda m: os.path.join(args.output_dir, m[1]), flag)
+                     for flag in scaled(flags, args.scale)]
+
+
+def pair_accuracy(stage_dir):
+    """A reward model's last held-out pair accuracy (eval/accuracy in its metrics.jsonl)."""
+    metrics = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
+    return [row["eval/accuracy"] for _, row in sorted(metrics.items()) if "eval/accuracy" in row][-1]
+
+
 def main(args):
-    stage_specs = {name: (script, start, flags) for name, script, start, flags in STAGES}
+    stage_specs = {name: (start, learns, commands) for name, start, learns, commands in STAGES}
     check_args(args, stage_specs)
     os.makedirs(args.output_dir, exist_ok=True)
     final = {name: os.path.join(args.output_dir, name, "final") for name in stage_specs}
-    accuracies, carry_accuracies, times = {}, {}, {}
+    accuracies, carry_accuracies, pair_accuracies, times = {}, {}, {}, {}
     for stage in args.stages:
-        script, start, flags = stage_specs[stage]
+        start, _, commands = stage_specs[stage]
         model = final[start] if start else "assets/tiny"
         if start and start not in accuracies:  # a stage run earlier: measure where this one starts
             accuracies[start], carry_accuracies[start] = held_out_accuracy(model, args.eval_rows)
         t0 = time.perf_counter()
-        overwrite = ["--overwrite_output_dir"] if args.overwrite_output_dir else []
-        run_stage(script, ["--model", model, "--output_dir", os.path.join(args.output_dir, stage),
-                           "--seed", str(args.seed)] + overwrite + scaled(flags, args.scale), args.nproc)
+        for script, flags in commands:
+            run_command(script, stage_flags(script, flags, model, args, stage), args.nproc)
         times[stage] = time.perf_counter() - t0
-        accuracies[stage], carry_accuracies[stage] = held_out_accuracy(final[stage], args.eval_rows)
-        print(f"{stage}: held-out accuracy {accuracies[stage]:.1%}, on carry problems {carry_accuracies[stage]:.1%} "
-              f"({times[stage]:.0f} s)", flush=True)
+        if stage in POLICIES:
+            accuracies[stage], carry_accuracies[stage] = held_out_accuracy(final[stage], args.eval_rows)
+            print(f"{stage}: held-out accuracy {accuracies[stage]:.1%}, on carry problems "
+                  f"{carry_accuracies[stage]:.1%} ({times[stage]:.0f} s)", flush=True)
+        else:
+            pair_accuracies[stage] = pair_accuracy(os.path.join(args.output_dir, stage))
+            print(f"{stage}: held-out pair accuracy {pair_accuracies[stage]:.1%} ({times[stage]:.0f} s)", flush=True)
 
-    lines = ["| stage | starts from | held-out accuracy | on carry problems | time |", "|---|---|---|---|---|"]
-    for stage in (s for s in stage_specs if s in accuracies):
-        start = stage_specs[stage][1] or "random init"
+    lines = ["| stage | starts from | learns from | held-out accuracy | on carry problems | time |",
+             "|---|---|---|---|---|---|"]
+    for stage in (s for s in stage_specs if s in accuracies or s in pair_accuracies):
+        start, learns, _ = stage_specs[stage]
         took = f"{times[stage]:.0f} s" if stage in times else "(earlier run)"
-        lines.append(f"| {stage.upper()} | {start} | {accuracies[stage]:.1%} | {carry_accuracies[stage]:.1%} "
-                     f"| {took} |")
+        held_out = f"{accuracies[stage]:.1%} | {carry_accuracies[stage]:.1%}" if stage in accuracies else \
+            f"{pair_accuracies[stage]:.1%} of pairs | -"
+        lines.append(f"| {stage} | {start or 'random init'} | {learns} | {held_out} | {took} |")
     table = "\n".join(lines)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"accuracy": accuracies, "carry_accuracy": carry_accuracies, "seconds": times}, f, indent=1)
+        json.dump({"accuracy": accuracies, "carry_accuracy": carry_accuracies, "pair_accuracy": pair_accuracies,
+                   "seconds": times}, f, indent=1)
     print("\n" + table)
-    print(f"plot: {plot(args.output_dir, [s for s in stage_specs if s in accuracies], accuracies, carry_accuracies)}")
+    ran = [s for s in stage_specs if s in accuracies or s in pair_accuracies]
+    print(f"plot: {plot(args.output_dir, ran, accuracies, carry_accuracies)}")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class Args:
     """same format as --dataset; its loss is logged as eval/loss (hub datasets: the 'test' split)"""
     output_dir: str = "runs/sft"
     """where metrics.jsonl, step_N/ checkpoints and final/ (Hugging Face format) go"""
-    lr: float = 3e-3
-    """peak learning rate (the demo's tiny model wants 3e-3; Tulu 3 8B used 5e-6, 0.5B models 2e-5)"""
+    lr: float = 1e-3
+    """peak learning rate (the demo's tiny model: 1e-3, 3e-3 lands anywhere between 45% and 80% held-out accuracy
+    depending on the seed; Tulu 3 8B used 5e-6, 0.5B models 2e-5)"""
     max_steps: int | None = None
     """optimizer steps to run; overrides --num_epochs"""
     num_epochs: int = 4

@@ -6,12 +6,13 @@ A problem is one of: one-digit addition, subtraction (non-negative) and multipli
 two-digit plus one-digit addition (weighted 1:1:1:2). The answer restates the problem and ends
 GSM8K-style ("#### 61"), so the gsm8k verifier scores it.
 
-The SFT demonstrations come from an imperfect teacher: in 60% of the two-digit additions that
-need a carry it drops the carry ("35 + 7 = 32"). Imitation learns the slip (the SFT model gets
-almost every such problem wrong); the preference pairs (correct answer chosen) and the verifier
-(the true result) know better, which is what DPO, GRPO and PPO learn from. That is post-training
-in miniature: demonstrations teach the format and most of the skill, and feedback on the model's
-own answers fixes what the demonstrations got wrong.
+The SFT demonstrations come from an imperfect teacher: in 80% of the two-digit additions that
+need a carry it drops the carry ("35 + 7 = 32"). Imitation learns the slip (greedy, the SFT model
+gets almost every such problem wrong: the slip is four times as likely as the right answer, a margin
+that float rounding cannot flip), while sampling still finds the right answer one time in five; the
+preference pairs (correct answer chosen) and the verifier (the true result) know better, which is
+what DPO, GRPO and PPO learn from. That is post-training in miniature: demonstrations teach the format
+and most of the skill, and feedback on the model's own answers fixes what the demonstrations got wrong.
 
 The problem space is small (about 1150 distinct problems), so the test split, drawn fresh from
 the same distribution, shares many problems with training: it measures how well the skill was
@@ -33,7 +34,7 @@ import random
 
 SEED = 1234  # the problems
 TEACHER_SEED = 7  # the teacher's slips: a separate stream, so SLIP does not change the problems
-SLIP = 0.6  # how often the teacher drops a needed carry in a two-digit addition
+SLIP = 0.8  # how often the teacher drops a needed carry in a two-digit addition
 SIZES = {"sft_train": 6000, "sft_eval": 200, "dpo_train": 3000, "dpo_eval": 200, "rl_train": 3000, "test": 300}
 OUT = os.path.dirname(os.path.abspath(__file__))
 

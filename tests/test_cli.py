@@ -315,12 +315,17 @@ def test_pipeline_checks_its_stages_before_running_any(tmp_path):
     sys.path.insert(0, str(ROOT))
     import pipeline
 
-    specs = {name: (script, start, flags) for name, script, start, flags in pipeline.STAGES}
+    specs = {name: (start, learns, commands) for name, start, learns, commands in pipeline.STAGES}
     with pytest.raises(pipeline.InputError, match="unknown"):
         pipeline.check_args(pipeline.Args(output_dir=str(tmp_path), stages=("sft", "rlhf")), specs)
     with pytest.raises(pipeline.InputError, match="grpo starts from .*dpo/final, which does not exist"):
         pipeline.check_args(pipeline.Args(output_dir=str(tmp_path), stages=("grpo",)), specs)
     pipeline.check_args(pipeline.Args(output_dir=str(tmp_path), stages=("sft", "dpo", "grpo")), specs)
+    # PPO against the reward model also needs the reward model, from this run or an earlier one
+    with pytest.raises(pipeline.InputError, match="ppo_rm needs .*reward_model/final, which does not exist"):
+        pipeline.check_args(pipeline.Args(output_dir=str(tmp_path), stages=("sft", "dpo", "ppo_rm")), specs)
+    pipeline.check_args(pipeline.Args(output_dir=str(tmp_path), stages=("sft", "dpo", "reward_model", "ppo_rm")),
+                        specs)
     (tmp_path / "dpo").mkdir()
     (tmp_path / "dpo" / "metrics.jsonl").write_text("")
     with pytest.raises(pipeline.InputError, match="dpo holds an earlier run: pass --overwrite_output_dir"):

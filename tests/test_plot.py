@@ -91,18 +91,18 @@ def test_no_legend_covers_a_curve_or_a_bar(run_dir):
 
 def test_plot_writes_a_png_that_reads_at_a_readmes_width(run_dir):
     """About 900 pixels wide (a README shows it at about that width, so its text stays legible), in two
-    rows of three panels."""
+    rows of three panels with their legends below them."""
     out, _ = run_dir
     path = pipeline.plot(str(out), STAGES, dict.fromkeys(STAGES, 0.5), dict.fromkeys(STAGES, 0.25))
     assert path == str(out / "pipeline.png") and (out / "pipeline.png").stat().st_size > 10_000
     height, width, _ = matplotlib.image.imread(path).shape
-    assert (width, height) == (900, 600)
+    assert (width, height) == (900, 660)
 
 
 def test_the_sft_stage_logs_its_eval_loss_along_the_run():
     """Evaluating every --eval_every steps gives a curve of several points even at --scale 0.3 (one
     epoch of the demo's conversations)."""
-    _, _, _, flags = next(stage for stage in pipeline.STAGES if stage[0] == "sft")
+    (_, flags), = next(commands for stage, _, _, commands in pipeline.STAGES if stage == "sft")
     scaled = pipeline.scaled(flags, 0.3)
     eval_every = int(scaled[scaled.index("--eval_every") + 1])
     epochs = int(scaled[scaled.index("--num_epochs") + 1])
