@@ -105,6 +105,16 @@ def test_the_same_command_starts_continues_and_refuses_other_settings(tmp_path):
 # A dead worker costs only the steps since the last save: torchrun --max-restarts with --resume auto
 
 
+def announced(lines):
+    """The line each attempt of a run with --resume auto printed: whether it started afresh or resumed."""
+    return [line for line in lines if "(--resume auto" in line]
+
+
+def resumed_at(lines):
+    """The step of each `resumed from .../step_N (--resume auto)` line."""
+    return [int(line.split(" (--resume auto")[0].rsplit("step_", 1)[1]) for line in lines if "resumed from" in line]
+
+
 def torchrun_workers(torchrun_pid):
     """{rank: pid} of the live worker processes that torchrun started."""
     found = {}
@@ -147,9 +157,8 @@ def run_with_kills(script, flags, out, kills, seed):
 
     try:
         for attempt, (moment, rank) in enumerate(kills):
-            announced = lambda: [line for line in stdout if "(--resume auto" in line]  # noqa: E731, one an attempt
-            wait_for(lambda: len(announced()) > attempt, 0.01)
-            resumed = int(announced()[-1].split("step_")[1].split()[0]) if "resumed from" in announced()[-1] else 0
+            wait_for(lambda: len(announced(stdout)) > attempt, 0.01)
+            resumed = (resumed_at(announced(stdout)[-1:]) or [0])[0]  # the step this attempt continues from (0: none)
             if moment == "save":  # as soon as this attempt starts writing a step_N after one it completed
                 saving = lambda: [p for p in out.glob("step_*.tmp")  # noqa: E731
                                   if complete_checkpoints(out)[-1:] > [resumed] and
@@ -178,12 +187,12 @@ def run_with_kills(script, flags, out, kills, seed):
 def check_restarted_run(out, reference, stdout, landed, keys):
     """The run restarted after each kill from its last complete step_N (for a kill in a save, the one before it),
     logged every step once, and computed every step as the uninterrupted reference run did, to the bit."""
-    announced = [line for line in stdout.splitlines() if "(--resume auto" in line]
-    assert announced[0] == f"started a fresh run (--resume auto: no step_N checkpoint in {out})", announced
-    resumed_at = [int(line.split("step_")[1].split()[0]) for line in announced[1:]]
-    assert len(resumed_at) == len(landed), announced
-    for (moment, _, step), resume in zip(landed, resumed_at):
-        assert resume < step if moment == "save" else resume <= step, (landed, resumed_at)
+    lines = announced(stdout.splitlines(keepends=True))
+    assert lines[0] == f"started a fresh run (--resume auto: no step_N checkpoint in {out})\n", lines
+    resumes = resumed_at(lines)
+    assert len(resumes) == len(lines) - 1 == len(landed), lines
+    for (moment, _, step), resume in zip(landed, resumes):
+        assert resume < step if moment == "save" else resume <= step, (landed, resumes)
     steps = sorted(read_metrics(reference))
     assert steps_logged(out) == steps and not list(out.glob("*.tmp"))
     restarted, uninterrupted = read_metrics(out), read_metrics(reference)
