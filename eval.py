@@ -325,6 +325,11 @@ class InputError(ValueError):
     script prints it alone, without a traceback."""
 
 
+class FatalError(RuntimeError):
+    """A run that cannot go on (a save failed, --max_bad_steps non-finite steps in a row): the message says where
+    and why, and the script prints it alone, without a traceback."""
+
+
 def names_local_path(name):
     """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
     data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
@@ -438,23 +443,34 @@ def cpu_threads():
 
 
 def prose_help(args_class):
-    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
-    breaks, which cut --help's sentences where the source wraps them."""
+    """args_class with each flag's help made of its docstring as one paragraph (tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them), and --resume, where there is one, taking
+    no value (True) or `auto`: tyro would want a value for bool | Literal["auto"]."""
     body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
     helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
              if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+    def resume_value(words):
+        if words not in ([], ["auto"]):
+            raise ValueError(f"--resume takes no value or `auto`, got {' '.join(words)!r}")
+        return words[0] if words else True
+
+    parsers = {"resume": [tyro.constructors.PrimitiveConstructorSpec(
+        nargs="*", metavar="[auto]", instance_from_str=resume_value,
+        is_instance=lambda value: value in (False, True, "auto"), str_from_instance=lambda value: [str(value)])]}
     return dataclasses.make_dataclass(args_class.__name__, [
-        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        (f.name, Annotated[(f.type, tyro.conf.arg(help=helps[f.name]), *parsers.get(f.name, []))],
+         dataclasses.field(default=f.default))
         for f in dataclasses.fields(args_class)])
 
 
 def launch(main, args_class):
-    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
-    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
-    it prints last, names it."""
+    """Parses the flags and runs main. An InputError or FatalError ends the run with its message alone, not a
+    traceback; under torchrun the message also goes to the worker's error file, so that torchrun's failure report,
+    which it prints last, names it."""
     try:
         main(tyro.cli(prose_help(args_class), use_underscores=True))
-    except InputError as error:  # the message says what to fix; a traceback would only bury it
+    except (InputError, FatalError) as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:

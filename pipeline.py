@@ -172,8 +172,9 @@ def figure(output_dir, stages, accuracies, carry_accuracies):
         ax.set_xlabel("step", fontsize=9, labelpad=1)
         # below the panel, clear of every curve on either y-axis
         long_names = any(len(line.get_label()) > 24 for line in lines)
-        ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if long_names else 2,
-                  frameon=False, handlelength=1.5, columnspacing=1, borderaxespad=0, labelspacing=0.2)
+        ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=1 if long_names else 2, frameon=False, handlelength=1.5, columnspacing=1, borderaxespad=0,
+                  labelspacing=0.2)
     policies = [stage for stage in stages if stage in accuracies]
     for shift, values, color, label in ((-0.2, accuracies, "tab:green", "all"),
                                         (0.2, carry_accuracies, "tab:orange", "carry problems")):

@@ -178,6 +178,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm, per model (0 disables)"""
+    max_bad_steps: int = 5
+    """a step whose loss or gradient norm is not finite is skipped (no weight or optimizer state changes; the metric
+    skipped_steps counts them); after this many in a row the run saves a step_N and stops"""
     seed: int = 1
     """seeds init, data order and sampling (rank r samples with seed + r)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -196,8 +199,8 @@ class Args:
     """save a resumable step_N every N steps (0: only on SIGTERM / Ctrl-C, which then exit with status 143 / 130)"""
     save_total_limit: int | None = None
     """keep the newest N step_N checkpoints, deleting older ones once a newer one is complete (None: keep all)"""
-    resume: bool = False
-    """continue from the latest output_dir/step_N (metrics.jsonl keeps the steps up to it)"""
+    resume: bool | Literal["auto"] = False
+    """continue from the latest step_N in output_dir (one must exist); `--resume auto`: if any, else start afresh"""
     overwrite_output_dir: bool = False
     """start afresh in an output_dir that holds an earlier run (deletes its metrics.jsonl, step_N/, final/)"""
     eval_every: int = 0
@@ -534,6 +537,7 @@ def main(args):
                 rows_minibatch = order[start:start + minibatch].to(run.device)
                 minibatch_tokens = r["mask"][rows_minibatch].sum().double()
                 dist.all_reduce(minibatch_tokens)
+                minibatch_loss = torch.zeros((), dtype=torch.float64, device=run.device)
                 for rows_mb, batch in micro_batches(r["sequences"], r["mask"], rows_minibatch.tolist(),
                                                     args.per_device_batch_size, args.max_tokens_per_micro_batch,
                                                     args.padding_free, pad_id):
@@ -550,10 +554,12 @@ def main(args):
                     # FSDP averages gradients over ranks; scaling by world makes them a global-minibatch sum
                     (loss * run.world).backward()
                     totals.add(**stats)
-                for name, model, optimizer, scheduler in (
-                        ("grad_norm", policy, policy_optimizer, policy_scheduler),
-                        ("value_grad_norm", value_model, value_optimizer, value_scheduler)):
-                    totals.add(**{name: optimizer_step(model, optimizer, scheduler, args.max_grad_norm)[0] / updates})
+                    minibatch_loss += loss.detach()
+                # one step of both models: a non-finite loss or gradient norm in either skips both
+                (policy_norm, value_norm), _ = optimizer_step(run, minibatch_loss, args.max_grad_norm,
+                                                              (policy, policy_optimizer, policy_scheduler),
+                                                              (value_model, value_optimizer, value_scheduler))
+                totals.add(grad_norm=policy_norm / updates, value_grad_norm=value_norm / updates)
         step = (index + 1) * updates
 
         if run.log_due(step, updates):  # sums over all ranks, then TRL's averages
@@ -605,6 +611,11 @@ class InputError(ValueError):
     script prints it alone, without a traceback."""
 
 
+class FatalError(RuntimeError):
+    """A run that cannot go on (a save failed, --max_bad_steps non-finite steps in a row): the message says where
+    and why, and the script prints it alone, without a traceback."""
+
+
 def names_local_path(name):
     """Whether a --model / --dataset value means a local path rather than a hub id ("org/name"): a
     data file suffix, a leading ".", "/" or "~", more than one "/", or a first part that is a local
@@ -629,7 +640,8 @@ def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages
     """The common flags and paths, and the script's own flags that must be >= 1 or > 0 or name a model dir,
     before anything heavy runs. demo_stages: the demo scripts whose output --model defaults to, for the hint
     when it is missing."""
-    for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", *at_least_one):
+    for name in ("per_device_batch_size", "grad_accum_steps", "num_epochs", "log_every", "max_bad_steps",
+                 *at_least_one):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "max_tokens_per_micro_batch", "save_total_limit"):
@@ -654,19 +666,26 @@ def check_common_args(args, at_least_one=(), positive=(), models=(), demo_stages
             raise InputError(f"{flag} {name}: no such file or directory")
     if args.resume and args.overwrite_output_dir:
         raise InputError("--resume continues the run in --output_dir and --overwrite_output_dir replaces it: pass one")
-    if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir}")
-    earlier = earlier_run(args.output_dir)
+    checkpoint, earlier = latest_checkpoint(args.output_dir), earlier_run(args.output_dir)
+    if args.resume is True and checkpoint is None:
+        raise InputError(f"--resume: no step_N checkpoint in {args.output_dir} (`--resume auto` starts a run where "
+                         "there is none)")
     if earlier and not args.resume and not args.overwrite_output_dir:
         raise InputError(f"--output_dir {args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume "
                          "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+    # with nothing to continue, --resume auto starts afresh where a run died before its first save, but never
+    # deletes a finished run's final/
+    if args.resume == "auto" and checkpoint is None and "final" in earlier:
+        raise InputError(f"--resume auto: --output_dir {args.output_dir} holds a finished run (final) and no step_N to "
+                         "continue from: pass --overwrite_output_dir to replace it, or another --output_dir")
 
 
 class Run:
     """This process's part in the job, and what every training loop asks of it. torchrun sets RANK and
     WORLD_SIZE (global) and LOCAL_RANK, LOCAL_WORLD_SIZE (within the node), on one node or several; a plain
     `python X.py` is a world of one. Rank 0 keeps the log: a progress bar, output_dir/metrics.jsonl and, with
-    --track, wandb. SIGTERM and Ctrl-C ask the loop to save a resumable step_N after the current step."""
+    --track, wandb. SIGTERM and Ctrl-C ask the loop to save a resumable step_N after the current step. A step whose
+    loss or gradient norm is not finite is skipped on every rank alike and counted (skipped_steps)."""
 
     def __init__(self, args, name):
         self.args, self.name = args, name
@@ -676,19 +695,30 @@ class Run:
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
+        store = attempt_store()
+        joined = {"store": store, "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])} \
+            if store else {}
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl", device_id=self.device)
+            dist.init_process_group("nccl", device_id=self.device, **joined)
         else:
             self.device = torch.device("cpu")
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **joined)
             cpu_threads()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = fsdp_mesh(args.hsdp, self.device)
         self.compute_dtype = torch.bfloat16 if args.precision == "bf16" or (
             args.precision == "auto" and self.device.type == "cuda") else torch.float32
         self.signals = stop_on_signals(self.rank)
+        # whether this run continues a step_N (--resume auto: if there is one), decided by rank 0 for every rank;
+        # self.args.resume says whether it does
+        found = [latest_checkpoint(args.output_dir) if args.resume and self.rank == 0 else None]
+        dist.broadcast_object_list(found)
+        self.checkpoint, self.resume_auto = found[0], args.resume == "auto"
+        self.args = dataclasses.replace(args, resume=self.checkpoint is not None)
+        self.step = self.skipped_steps = self.bad_in_a_row = 0  # optimizer steps; skipped ones, in all and in a row
+        self.bad_stop = None  # once --max_bad_steps non-finite steps came in a row: what they were
         torch.manual_seed(args.seed)  # the random init of a model given by its config alone (on rank 0), and all else
 
     def total_steps(self, n_rows, batch_size, what, steps_per_batch=1):
@@ -720,18 +750,23 @@ class Run:
         return model.train()
 
     def begin(self, models, schedulers, total_steps, match):
-        """Resumes with --resume from the latest step_N, whose `match` (what the data order depends on: the
-        seed, the global batch...) must be this run's; opens the log. models: {name: (model, optimizer)}.
-        Returns the step to continue from and the rollout saved with it (or None)."""
+        """Continues from the step_N that --resume found, whose `match` (what the data order depends on: the seed,
+        the global batch...) must be this run's, and says so in one line (with --resume auto also when it starts
+        afresh); opens the log. models: {name: (model, optimizer)}. Returns the step to continue from and the
+        rollout saved with it (or None)."""
         self.models, self.schedulers, self.match, self.total = models, schedulers, match, total_steps
         start_step, rollout = 0, None
-        if self.args.resume:
-            path = latest_checkpoint(self.args.output_dir)
-            start_step, rollout = load_checkpoint(path, models, schedulers, match, self.rank)
-            if self.rank == 0:
-                print(f"resumed from {path}")
+        if self.checkpoint:
+            state, rollout = load_checkpoint(self.checkpoint, models, schedulers, match, self.rank)
+            start_step, self.skipped_steps, self.bad_in_a_row = (
+                state["step"], state.get("skipped_steps", 0), state.get("bad_steps_in_a_row", 0))
+        self.step = start_step
         if self.rank == 0:
-            prepare_output_dir(self.args.output_dir, start_step if self.args.resume else None)
+            prepare_output_dir(self.args.output_dir, start_step if self.checkpoint else None)
+            if self.checkpoint:
+                print(f"resumed from {self.checkpoint}" + (" (--resume auto)" if self.resume_auto else ""))
+            elif self.resume_auto:
+                print(f"started a fresh run (--resume auto: no step_N checkpoint in {self.args.output_dir})")
             if self.args.track:
                 import wandb
                 wandb.init(project=self.args.wandb_project, config=asdict(self.args), dir=self.args.output_dir,
@@ -746,9 +781,12 @@ class Run:
 
     def log(self, metrics, step, echo=False, **shown):
         """Rank 0 appends the metrics to output_dir/metrics.jsonl (and wandb); `shown` go on the progress bar,
-        and with echo every metric is printed."""
+        and with echo every metric is printed. The row of a training step (one with `shown`) also has
+        skipped_steps, the steps skipped so far for a non-finite loss or gradient norm."""
         if self.rank != 0:
             return
+        if shown:
+            metrics = {**metrics, "skipped_steps": self.skipped_steps}
         with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.args.track:
@@ -759,17 +797,47 @@ class Run:
         if echo:
             tqdm.write(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    def step_is_finite(self, loss, grad_norms):
+        """Whether the optimizer step now due may change the weights: its loss summed over all ranks and every
+        gradient norm ({model: norm}) finite, which every rank decides alike. One that is not is counted in
+        skipped_steps and announced; the --max_bad_steps-th in a row makes end_step save and stop the run."""
+        self.step += 1
+        values = torch.stack([loss.detach().double().sum(), *(norm.detach().double() for norm in grad_norms.values())])
+        dist.all_reduce(values)  # a non-finite value on any rank makes the sum non-finite on every rank
+        if values.isfinite().all():
+            self.bad_in_a_row = 0
+            return True
+        names = {model: name for name, (model, _) in self.models.items()}
+        loss_sum, *norms = values.tolist()
+        what = " and ".join([f"loss is {loss_sum}"] * (not math.isfinite(loss_sum)) + [
+            f"{names[model]} gradient norm is {norm}"
+            for model, norm in zip(grad_norms, norms) if not math.isfinite(norm)])
+        self.skipped_steps, self.bad_in_a_row = self.skipped_steps + 1, self.bad_in_a_row + 1
+        if self.rank == 0:
+            tqdm.write(f"WARNING: skipped step {self.step}, whose {what}: no weight or optimizer state changed")
+        if self.bad_in_a_row >= self.args.max_bad_steps:  # a resumed run's count goes on from its step_N's
+            self.bad_stop = (f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (the last, "
+                             f"step {self.step}, with {what})")
+        return False
+
     def end_step(self, step, steps=1, rollout=None):
         """After each step (or rollout of `steps` optimizer steps): a resumable step_N every --save_every
         steps, and when SIGTERM or Ctrl-C reached any rank, then the run saves and stops (rollout: what the
-        next steps reuse, saved with it)."""
+        next steps reuse, saved with it); after --max_bad_steps skipped steps in a row it saves and fails."""
         self.bar.update(steps)
         stop = torch.tensor(max([signal.Signals[name].value for name in self.signals], default=0), device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if every(self.args.save_every, step, steps) or stop.item():
-            save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers, step,
-                            {"match": self.match, "config": {**asdict(self.args), "world_size": self.world}},
-                            self.rank, rollout, self.args.save_total_limit)
+        try:
+            if every(self.args.save_every, step, steps) or stop.item() or self.bad_stop:
+                save_checkpoint(os.path.join(self.args.output_dir, f"step_{step}"), self.models, self.schedulers,
+                                step, {"match": self.match, "config": {**asdict(self.args), "world_size": self.world},
+                                       "skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_in_a_row},
+                                self.rank, rollout, self.args.save_total_limit)
+            if self.bad_stop:
+                raise FatalError(f"{self.bad_stop}; saved step_{step}, which none of them changed, and stopped")
+        except FatalError:
+            self.bar.close()  # the error's line then starts a line of its own
+            raise
         if stop.item():
             self.bar.close()  # ends the progress bar's line: the message gets a line of its own
             if self.rank == 0:
@@ -788,6 +856,21 @@ class Run:
             print(f"saved {path}")
         dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort it
         dist.destroy_process_group()
+
+
+def attempt_store():
+    """Where the ranks of a torchrun job on one node meet to form the process group: under torchrun's own store
+    (None, the default), or after torchrun restarted the workers (--max-restarts), under keys of this attempt.
+    torchrun's agent keeps its store for the whole job, and a restarted rank would read the killed attempt's
+    addresses there and fail to connect. One node's agent counts the restarts for all its ranks; several nodes'
+    agents count apart, so there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a store of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            os.environ["WORLD_SIZE"] != os.environ["LOCAL_WORLD_SIZE"]:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=dist.constants.default_pg_timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
 
 
 def every(n, step, steps=1):
@@ -1130,16 +1213,25 @@ def adamw(model, lr, args, total_steps):
         optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm):
-    """Clips the gradients by their global norm (0: no clipping), steps; returns the norm (a tensor: reading it
-    waits for the device, which only logged steps need) and the learning rate."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                          max_grad_norm or float("inf"))
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm, lr
+def optimizer_step(run, loss, max_grad_norm, *trained):
+    """Steps each (model, optimizer, scheduler) of `trained` on its gradients, clipped by their global norm (0: no
+    clipping), unless the step's loss (this rank's part of it) or a gradient norm is not finite on some rank: then
+    no weight and no optimizer state changes, on any rank (Run.step_is_finite), in all the models stepped together.
+    The schedulers advance either way: the learning rate follows the step number, as the data does (a skipped
+    step's batch is not tried again). Returns the gradient norms (tensors) and the learning rates of the step."""
+    norms = []
+    for model, _, _ in trained:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                              max_grad_norm or float("inf"))
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    lrs = [scheduler.get_last_lr()[0] for _, _, scheduler in trained]
+    if run.step_is_finite(loss, {model: norm for (model, _, _), norm in zip(trained, norms)}):
+        for _, optimizer, _ in trained:
+            optimizer.step()
+    for _, optimizer, scheduler in trained:
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norms, lrs
 
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -1175,7 +1267,8 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
     config and generation config of `source` (the model training started from; training changes neither, and
     settings made for training, such as dropout off, stay out), and the tokenizer; generation stops at the
     chat template's end-of-turn token. Streamed: each tensor is gathered from its shards in turn, and rank 0
-    holds at most one file's worth before writing it. Written to path.tmp, then renamed."""
+    holds at most one file's worth before writing it. Written to path.tmp, then renamed; a failed write (disk
+    full...) ends the run with a FatalError on every rank, leaving an earlier final/ as it was."""
     tensors = {}  # a tied weight is written once, under its first name (the embedding's), as save_pretrained does
     for name, tensor in model.state_dict(keep_vars=True).items():
         tensors.setdefault(id(tensor), (name.removeprefix("lm."), tensor))
@@ -1187,9 +1280,13 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
         files[-1].append((name, tensor))
         size += nbytes
     tmp = path + ".tmp"
+    failure = None  # rank 0's failed write: it writes no more, but joins every gather until all ranks stop
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(tmp)
+        except OSError as error:
+            failure = error
     weight_map = {}
     for i, members in enumerate(files):
         file = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -1199,32 +1296,38 @@ def save_hf(path, model, source, tokenizer, dtype, eot_id, rank, max_file_bytes=
             if rank == 0:
                 part[name] = full.to("cpu", dtype)
             weight_map[name] = file
-        if rank == 0:
-            save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
-            os.chmod(os.path.join(tmp, file), file_mode())  # safetensors writes 0600, unreadable to the group
-    if rank == 0:
-        if len(files) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        config = AutoConfig.from_pretrained(source)
-        config.dtype = dtype
-        config.architectures = [type(model.lm).__name__]
-        if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the pad
-            # token, as it reads each sequence's score at the last token that is not padding
-            config.num_labels = model.lm.config.num_labels
-            config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
-        config.save_pretrained(tmp)
+        if rank == 0 and failure is None:
+            try:
+                save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+                os.chmod(os.path.join(tmp, file), file_mode())  # safetensors writes 0600, unreadable to the group
+            except Exception as error:  # safetensors' SafetensorError, which names the OS error
+                failure = error
+    if rank == 0 and failure is None:
         try:
-            generation_config = GenerationConfig.from_pretrained(source)
-        except OSError:  # none saved: the one derived from the config, as from_pretrained does
-            generation_config = GenerationConfig.from_model_config(config)
-        generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
-        generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
+            if len(files) > 1:
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    total = sum(tensor.numel() for _, tensor in tensors.values()) * dtype.itemsize
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            config = AutoConfig.from_pretrained(source)
+            config.dtype = dtype
+            config.architectures = [type(model.lm).__name__]
+            if config.architectures[0].endswith("ForSequenceClassification"):  # a reward model: its labels, and the
+                # pad token, as it reads each sequence's score at the last token that is not padding
+                config.num_labels = model.lm.config.num_labels
+                config.get_text_config().pad_token_id = model.lm.config.get_text_config().pad_token_id
+            config.save_pretrained(tmp)
+            try:
+                generation_config = GenerationConfig.from_pretrained(source)
+            except OSError:  # none saved: the one derived from the config, as from_pretrained does
+                generation_config = GenerationConfig.from_model_config(config)
+            generation_config.eos_token_id = sorted({eot_id, tokenizer.eos_token_id} - {None})
+            generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        except Exception as error:  # OSError, or the tokenizers library's own error naming it
+            failure = error
+    stop_if_any_failed(path, failure)
 
 
 def file_mode():
@@ -1275,8 +1378,9 @@ def prepare_output_dir(output_dir, resumed_step):
 def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, keep=None):
     """Every model and optimizer sharded via torch.distributed.checkpoint; the step, the schedulers and
     `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
-    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N; then all but the
-    newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted."""
+    rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N, and a failed write
+    (disk full...) ends the run with a FatalError on every rank, leaving the earlier step_N as they were; then
+    all but the newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1284,13 +1388,17 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, k
     sharded = {}
     for name, (model, optimizer) in models.items():
         sharded[name], sharded[name + "_optim"] = get_state_dict(model, optimizer)
-    dcp.save(sharded, checkpoint_id=tmp)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({"rng": rng, "rollout": rollout}, os.path.join(tmp, f"rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "schedulers": [s.state_dict() for s in schedulers], **state}, f)
-    dist.barrier()
+    failure = None
+    try:
+        dcp.save(sharded, checkpoint_id=tmp)
+        torch.save({"rng": rng, "rollout": rollout}, os.path.join(tmp, f"rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "schedulers": [s.state_dict() for s in schedulers], **state}, f)
+    except (Exception, dcp.CheckpointException) as error:  # dcp's CheckpointException is not an Exception
+        failure = error
+    stop_if_any_failed(path, failure)  # also waits until every rank has written its part
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -1305,8 +1413,9 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, k
 
 
 def load_checkpoint(path, models, schedulers, match, rank):
-    """Restores what save_checkpoint wrote, if the checkpoint's `match` is this run's; returns the step and
-    this rank's rollout (None when saved by fewer ranks, whose RNG states are then left as they are)."""
+    """Restores what save_checkpoint wrote, if the checkpoint's `match` is this run's; returns its trainer state
+    (the step...) and this rank's rollout (None when saved by fewer ranks, whose RNG states are then left as they
+    are)."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if state["match"] != match:
@@ -1322,7 +1431,7 @@ def load_checkpoint(path, models, schedulers, match, rank):
         scheduler.load_state_dict(scheduler_state)
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
-        return state["step"], None
+        return state, None
     try:  # tensors and plain containers only: unpickling anything else could run code
         saved = torch.load(rank_file, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -1331,7 +1440,43 @@ def load_checkpoint(path, models, schedulers, match, rank):
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
-    return state["step"], saved["rollout"]
+    return state, saved["rollout"]
+
+
+def stop_if_any_failed(path, error):
+    """After the writes of a save to `path` (error: what failed on this rank, or None): if they failed on any
+    rank, rank 0 deletes path.tmp and every rank raises FatalError naming path and the OS error, so that the run
+    ends in one line with the earlier checkpoints as they were."""
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if error is None else str(os_error(error, path + ".tmp")))
+    reason = next((reason for reason in reasons if reason is not None), None)
+    if reason is not None:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise FatalError(f"could not save {path}: {reason}")
+
+
+def os_error(error, directory):
+    """The OS error behind a failed write: `error` or one it wraps (dcp's CheckpointException holds every rank's);
+    else, as torch.save (and so dcp) loses the errno of a write that failed, what the OS answers a write of 1 MiB
+    into directory (or its parent) now; else the error's own message."""
+    wrapped = [e for e, _ in error.failures.values()] if isinstance(error, dcp.CheckpointException) else [error]
+    found = next((e for e in wrapped if isinstance(e, OSError)), None)
+    if found is not None:
+        return found
+    probe = os.path.join(directory if os.path.isdir(directory) else os.path.dirname(directory),
+                         f".write_probe_{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as refused:
+        return refused
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return f"{type(wrapped[0]).__name__}: {wrapped[0]}"
 
 
 def cpu_threads():
@@ -1343,23 +1488,34 @@ def cpu_threads():
 
 
 def prose_help(args_class):
-    """args_class with each flag's help made of its docstring as one paragraph: tyro keeps a docstring's line
-    breaks, which cut --help's sentences where the source wraps them."""
+    """args_class with each flag's help made of its docstring as one paragraph (tyro keeps a docstring's line
+    breaks, which cut --help's sentences where the source wraps them), and --resume, where there is one, taking
+    no value (True) or `auto`: tyro would want a value for bool | Literal["auto"]."""
     body = ast.parse(textwrap.dedent(inspect.getsource(args_class))).body[0].body
     helps = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
              if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+    def resume_value(words):
+        if words not in ([], ["auto"]):
+            raise ValueError(f"--resume takes no value or `auto`, got {' '.join(words)!r}")
+        return words[0] if words else True
+
+    parsers = {"resume": [tyro.constructors.PrimitiveConstructorSpec(
+        nargs="*", metavar="[auto]", instance_from_str=resume_value,
+        is_instance=lambda value: value in (False, True, "auto"), str_from_instance=lambda value: [str(value)])]}
     return dataclasses.make_dataclass(args_class.__name__, [
-        (f.name, Annotated[f.type, tyro.conf.arg(help=helps[f.name])], dataclasses.field(default=f.default))
+        (f.name, Annotated[(f.type, tyro.conf.arg(help=helps[f.name]), *parsers.get(f.name, []))],
+         dataclasses.field(default=f.default))
         for f in dataclasses.fields(args_class)])
 
 
 def launch(main, args_class):
-    """Parses the flags and runs main. An InputError ends the run with its message alone, not a traceback;
-    under torchrun the message also goes to the worker's error file, so that torchrun's failure report, which
-    it prints last, names it."""
+    """Parses the flags and runs main. An InputError or FatalError ends the run with its message alone, not a
+    traceback; under torchrun the message also goes to the worker's error file, so that torchrun's failure report,
+    which it prints last, names it."""
     try:
         main(tyro.cli(prose_help(args_class), use_underscores=True))
-    except InputError as error:  # the message says what to fix; a traceback would only bury it
+    except (InputError, FatalError) as error:  # the message says what to fix; a traceback would only bury it
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:

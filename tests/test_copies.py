@@ -25,10 +25,10 @@ BUDGETS = {"sft.py": 300, "dpo.py": 450, "grpo.py": 550, "ppo_rlvr.py": 625, "re
 # the flags of more than one script, in the order every script lists them (after its own)
 COMMON = ["model", "dataset", "dataset_split", "eval_dataset", "output_dir", "lr", "max_steps", "num_epochs",
           "per_device_batch_size", "grad_accum_steps", "max_tokens_per_micro_batch", "max_seq_len", "max_prompt_len",
-          "max_completion_len", "warmup_ratio", "lr_schedule", "weight_decay", "max_grad_norm", "seed", "precision",
-          "save_dtype", "attn_implementation", "padding_free", "gradient_checkpointing", "hsdp", "save_every",
-          "save_total_limit", "resume", "overwrite_output_dir", "eval_every", "log_every", "track", "wandb_project",
-          "run_name"]
+          "max_completion_len", "warmup_ratio", "lr_schedule", "weight_decay", "max_grad_norm", "max_bad_steps", "seed",
+          "precision", "save_dtype", "attn_implementation", "padding_free", "gradient_checkpointing", "hsdp",
+          "save_every", "save_total_limit", "resume", "overwrite_output_dir", "eval_every", "log_every", "track",
+          "wandb_project", "run_name"]
 MODULES = {"sft.py": sft, "dpo.py": dpo, "grpo.py": grpo, "ppo_rlvr.py": ppo_rlvr, "eval.py": evaluation,
            "reward_model.py": reward_model}
 

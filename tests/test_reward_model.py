@@ -273,13 +273,12 @@ def test_final_is_a_sequence_classifier_that_scores_as_training_did(runs, data):
 
 
 @pytest.mark.slow
-def test_reward_model_learns_the_demo_preferences(sft_demo_checkpoint, tmp_path):
-    """reward_model.py's defaults from the demo SFT model: one epoch over the 3000 demo pairs (187 steps). The
-    held-out pairs' accuracy (the chosen answer is the correct one) goes from about chance with the new head to
-    far above it. Measured: eval/accuracy 0.535 -> 0.765, eval/loss 0.732 -> 0.448, eval/margin 0.03 -> 2.2."""
-    out = tmp_path / "rm"
-    run_script("reward_model.py", "--model", sft_demo_checkpoint[0], "--eval_every", 1000, "--output_dir", out)
-    metrics = read_metrics(out)
+def test_reward_model_learns_the_demo_preferences(demo_pipeline):
+    """The pipeline's reward model stage (reward_model.py's defaults from the demo SFT model: one epoch over the
+    3000 demo pairs, 187 steps). The held-out pairs' accuracy (the chosen answer is the correct one) goes from
+    about chance with the new head to far above it."""
+    out, _ = demo_pipeline
+    metrics = read_metrics(out / "reward_model")
     last = max(metrics)
     assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=0.1) and metrics[0]["eval/accuracy"] <= 0.6
     assert metrics[last]["eval/accuracy"] >= 0.68, metrics[last]
