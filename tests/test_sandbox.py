@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CALLERS = ["this process", "unprivileged", "no namespaces"]
 
 
-def sandboxed(code, caller, env=None, **limits):
+def sandboxed(code, caller, env=None, python=sys.executable, **limits):
     """run_python(code, Limits(**limits)) from this process, or from a caller of its own (one of
-    CALLERS; with `env` as its environment)."""
-    if caller == "this process" and env is None:
+    CALLERS; with `env` as its environment, run by the interpreter `python`)."""
+    if caller == "this process" and env is None and python == sys.executable:
         return run_python(code, Limits(**limits))
     request = json.dumps({"code": code, "limits": limits, "caller": caller})
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sandbox_caller.py")], input=request, text=True,
+    proc = subprocess.run([python, str(ROOT / "tests" / "sandbox_caller.py")], input=request, text=True,
                           capture_output=True, timeout=300, env=env or os.environ, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reply = json.loads(proc.stdout)
@@ -79,6 +79,23 @@ def test_runs_a_program_and_says_what_protects_it(caller):
         assert caller != "this process" or os.geteuid() != 0
     if caller == "no namespaces":
         assert result.protections == ()
+
+
+@pytest.mark.parametrize("caller", ["this process", "unprivileged"])
+def test_an_interpreter_kept_in_tmp_stays_reachable(caller):
+    """A venv made in a private directory under /tmp (`mktemp -d`, as CI makes it) lies under the empty
+    tmpfs that the program gets as /tmp: the venv is bound back in, and nothing else of that directory."""
+    home = Path(tempfile.mkdtemp())  # mode 0700, like mktemp -d
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home / "venv")], check=True)
+        (home / "secret").write_text("training data")
+        code = f"import os, sys\nprint(6 * 7, sys.executable, os.path.exists({str(home / 'secret')!r}))"
+        python = home / "venv" / "bin" / "python"
+        result = sandboxed(code, caller, python=str(python))
+        assert result.error is None and "mount namespace" in result.protections, result
+        assert result.output == f"42 {python} False\n"
+    finally:
+        shutil.rmtree(home)
 
 
 @pytest.mark.parametrize("caller", CALLERS)

@@ -210,9 +210,16 @@ def isolate(workdir, limits):
     if root:
         reach_interpreter()
     private_dev()
-    for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # empty, and read-only like the rest below
-        if os.path.isdir(shared):
-            mount("tmpfs", shared, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+    shared = [path for path in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(path)]
+    # an interpreter kept in one of them (a venv made in `mktemp -d`) is bound back into the empty tmpfs
+    kept = {path: os.open(path, os.O_PATH) for path in interpreter_dirs()
+            if any(path.startswith(os.path.realpath(s) + os.sep) for s in shared)}
+    for path in shared:  # empty, and read-only like the rest below
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+    for path, handle in kept.items():
+        os.makedirs(path)
+        mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+        os.close(handle)
     os.makedirs(workdir, exist_ok=True)  # its path again, in the new /tmp if it was in the old one
     attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
     if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
@@ -239,15 +246,20 @@ def enter_namespaces(root):
             f.write(text)
 
 
+def interpreter_dirs():
+    """The directories the interpreter and its libraries are in (a venv's bin/, whose python links to the
+    base installation, and that installation), none inside another."""
+    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} |
+                    {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))})
+    return [p for p in needed if not any(p.startswith(q + os.sep) for q in needed)]
+
+
 def reach_interpreter():
     """Makes the interpreter and its libraries reachable for any user: each directory on their paths that
     others may not enter (/root of a venv in /root) is covered by an empty tmpfs into which only the
     interpreter's directories are bound. Everything else in it stays out of sight."""
-    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} |
-                    {os.path.dirname(os.path.realpath(sys.executable))})
-    needed = [p for p in needed if not any(p.startswith(q + os.sep) for q in needed)]
     covers = {}
-    for path in needed:
+    for path in interpreter_dirs():
         parts = path.split(os.sep)
         for i in range(2, len(parts)):
             ancestor = os.sep.join(parts[:i])
