@@ -9,8 +9,9 @@ plot of every stage's training curves.
     python pipeline.py --scale 0.3            # fewer steps: a quick check that everything runs
 
 Each stage is the plain scripts with the flags below: the commands it prints are the commands to
-run by hand. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/results.md,
-output_dir/pipeline.png. Running a stage again into the same output_dir needs
+run by hand. Two stages run at a time where their inputs allow it (--parallel), each on its share of
+the cores. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/logs/<stage>.txt (what the
+stage's commands printed), output_dir/results.md, output_dir/pipeline.png. Running a stage again into the same output_dir needs
 --overwrite_output_dir; `python eval.py --model runs/pipeline/grpo/final` evaluates a stage again.
 """
 
@@ -20,9 +21,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import torch
 import tyro
 
 import eval as evaluation
@@ -81,6 +85,10 @@ class Args:
     """one subdirectory per stage, plus results.md and pipeline.png"""
     nproc: int = 1
     """processes per stage (torchrun --nproc_per_node) when > 1"""
+    parallel: int = min(2, os.cpu_count() or 1)
+    """stages run at the same time, each as soon as the stages it needs have finished (2 where the machine has 2
+    cores or more: DPO beside the reward model, GRPO beside PPO, ...); each stage's processes get 1/parallel of
+    the cores (OMP_NUM_THREADS, unless set), so a stage computes as it would alone on a machine of 2 cores"""
     scale: float = 1.0
     """multiplies every stage's step count (epochs for SFT): < 1 for a quick run"""
     stages: tuple[str, ...] = tuple(stage for stage, *_ in STAGES)
@@ -109,30 +117,17 @@ def scaled(flags, scale):
     return out
 
 
-def run_command(script, flags, nproc):
-    """Runs a stage's command to its end. Ctrl-C reaches it too (the same terminal): a training script saves a
-    resumable step_N and exits, and then the pipeline stops; a second Ctrl-C ends both at once."""
+def run_command(stage, script, flags, nproc, threads, log):
+    """Runs one command of a stage to its end, its output appended to the file `log`; True if it succeeded.
+    threads: its OMP_NUM_THREADS (per process), unless the environment sets it."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
-    cmd = launcher + [script] + flags
-    print("\n$ " + " ".join(["python" if nproc == 1 else f"torchrun --nproc_per_node {nproc}", script] + flags),
+    print(f"[{stage}] $ " + " ".join(["python" if nproc == 1 else f"torchrun --nproc_per_node {nproc}", script] + flags),
           flush=True)
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    interrupted = []
-
-    def wait_for_the_stage(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, wait_for_the_stage)
-    try:
-        returncode = subprocess.run(cmd, env=env).returncode
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if interrupted:
-        sys.exit(f"pipeline: stopped by Ctrl-C in {script}; the command above with --resume continues that stage")
-    if returncode:
-        sys.exit(f"pipeline: {script} failed (exit status {returncode})")
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    log.write(f"$ {script} {' '.join(flags)}\n")
+    log.flush()
+    return subprocess.run(launcher + [script] + flags, env=env, stdout=log, stderr=subprocess.STDOUT).returncode == 0
 
 
 def read_metrics(path):
@@ -253,25 +248,71 @@ def pair_accuracy(stage_dir):
 def main(args):
     stage_specs = {name: (start, learns, commands) for name, start, learns, commands in STAGES}
     check_args(args, stage_specs)
-    os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
     final = {name: os.path.join(args.output_dir, name, "final") for name in stage_specs}
     accuracies, carry_accuracies, pair_accuracies, times = {}, {}, {}, {}
-    for stage in args.stages:
+    # each stage's processes get their share of the cores, and never more than a script takes by itself
+    cores = os.cpu_count() or 1
+    threads = max(1, min((cores - 1) // args.nproc, cores // (args.parallel * args.nproc)))
+    torch.set_num_threads(threads)  # the held-out evaluations, in this process
+    evaluating = threading.Lock()  # one at a time: torch's thread count is per process
+
+    def evaluate(stage, model):
+        with evaluating:
+            if stage not in accuracies:
+                accuracies[stage], carry_accuracies[stage] = held_out_accuracy(model, args.eval_rows)
+
+    def run_stage(stage):
+        """The stage's commands in turn, then its held-out evaluation; False if a command failed or was stopped."""
         start, _, commands = stage_specs[stage]
         model = final[start] if start else "assets/tiny"
-        if start and start not in accuracies:  # a stage run earlier: measure where this one starts
-            accuracies[start], carry_accuracies[start] = held_out_accuracy(model, args.eval_rows)
+        if start:  # where this one starts (once: a stage of this run was evaluated when it finished)
+            evaluate(start, model)
         t0 = time.perf_counter()
-        for script, flags in commands:
-            run_command(script, stage_flags(script, flags, model, args, stage), args.nproc)
+        with open(os.path.join(args.output_dir, "logs", f"{stage}.txt"), "a") as log:
+            print(f"{stage}: started, output in {log.name}", flush=True)
+            for script, flags in commands:
+                if not run_command(stage, script, stage_flags(script, flags, model, args, stage), args.nproc, threads,
+                                   log):
+                    print(f"{stage}: {script} stopped; its output: {log.name}", flush=True)
+                    return False
         times[stage] = time.perf_counter() - t0
         if stage in POLICIES:
-            accuracies[stage], carry_accuracies[stage] = held_out_accuracy(final[stage], args.eval_rows)
+            evaluate(stage, final[stage])
             print(f"{stage}: held-out accuracy {accuracies[stage]:.1%}, on carry problems "
                   f"{carry_accuracies[stage]:.1%} ({times[stage]:.0f} s)", flush=True)
         else:
             pair_accuracies[stage] = pair_accuracy(os.path.join(args.output_dir, stage))
             print(f"{stage}: held-out pair accuracy {pair_accuracies[stage]:.1%} ({times[stage]:.0f} s)", flush=True)
+        return True
+
+    # Ctrl-C reaches the stages' processes too (the same terminal): each training script saves a resumable step_N
+    # and exits, the pipeline waits for them and stops; a second Ctrl-C ends everything at once
+    interrupted = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, stop)
+    t0, running, done, failed = time.perf_counter(), {}, set(), []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        while True:
+            if not (interrupted or failed):  # start every stage whose inputs are ready, in --stages order
+                for stage in args.stages:
+                    ready = all(n in done or n not in args.stages for n in needs(stage, stage_specs))
+                    if stage not in done and stage not in running and ready:
+                        running[stage] = pool.submit(run_stage, stage)
+            if not running:
+                break
+            finished, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+            for stage in [s for s, future in running.items() if future in finished]:
+                (done.add if running.pop(stage).result() else failed.append)(stage)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted or failed:
+        sys.exit(f"pipeline: {'stopped by Ctrl-C' if interrupted else 'failed'} in {', '.join(failed)}; each stage's "
+                 f"output is in {os.path.join(args.output_dir, 'logs')}, and its command with --resume continues it")
+    print(f"\nall stages: {time.perf_counter() - t0:.0f} s", flush=True)
 
     lines = ["| stage | starts from | learns from | held-out accuracy | on carry problems | time |",
              "|---|---|---|---|---|---|"]

@@ -134,7 +134,8 @@ def sft_demo_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_pipeline(sft_demo_checkpoint, tmp_path_factory):
     """pipeline.py's stages after SFT at the demo settings, from the demo SFT run. Returns (output dir,
-    results.json as a dict); what the stages printed is in output dir/pipeline.log."""
+    results.json as a dict); what each stage printed is in output dir/logs/<stage>.txt, what the pipeline
+    printed in output dir/pipeline.log."""
     import shutil
 
     sys.path.insert(0, str(ROOT))
