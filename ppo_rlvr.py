@@ -1310,14 +1310,24 @@ def generation_copy(model, dtype, device, attn_implementation):
 @torch.no_grad()
 def refresh_generation_copy(model, gen_lm):
     """Copies the current FSDP weights into the whole copy, one parameter at a time (each rank gathers
-    each parameter once), in place, so that a compiled generation graph stays valid."""
+    each parameter once), in place, so that a compiled generation graph stays valid. A parameter whose
+    shard on this rank is already the whole of it, in the copy's dtype and device (one rank in fp32), is
+    not copied: the copy samples from the shard itself (the optimizer updates it in place)."""
     targets = dict(gen_lm.named_parameters())
     names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
     if names != set(targets):
         raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
     for name, param in model.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        targets[name.removeprefix("lm.")].copy_(full)
+        target = targets[name.removeprefix("lm.")]
+        # the same on every rank (full_tensor is a collective): only a mesh of one shard holds it whole
+        whole = not hasattr(param, "placements") or all(
+            param.device_mesh.size(dim) == 1 for dim, placement in enumerate(param.placements) if placement.is_shard())
+        local = (param.to_local() if hasattr(param, "to_local") else param).detach()
+        if whole and (local.dtype, local.device) == (target.dtype, target.device):
+            if target.data_ptr() != local.data_ptr():
+                target.data = local
+        else:
+            target.copy_(param.full_tensor() if hasattr(param, "full_tensor") else param)
 
 
 def static_cache(generation_cache, device):

@@ -84,9 +84,13 @@ def no_cache_lm():
 @pytest.mark.parametrize("script", [grpo, ppo_rlvr])
 def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script, dtype, no_cache_lm):
     """The copy computes exactly what the policy computes in the compute dtype (FSDP casts parameters,
-    not buffers: the rotary frequencies stay fp32), and decodes with a KV cache."""
+    not buffers: the rotary frequencies stay fp32), and decodes with a KV cache. Where the policy's
+    parameters are whole and in the compute dtype (here fp32: one process), the copy is the parameters
+    themselves, not a copy of them."""
     gen_lm = script.generation_copy(script.PolicyLogprobs(no_cache_lm), dtype, torch.device("cpu"), "sdpa")
     script.refresh_generation_copy(script.PolicyLogprobs(no_cache_lm), gen_lm)
+    shared = [gen_lm.get_parameter(name).data_ptr() == param.data_ptr() for name, param in no_cache_lm.named_parameters()]
+    assert all(shared) if dtype == torch.float32 else not any(shared)
     ids = torch.tensor([list(range(3, 60))])
     policy = copy.deepcopy(no_cache_lm)
     for param in policy.parameters():  # what FSDP computes with: parameters cast to the compute dtype
