@@ -1324,8 +1324,8 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
         generator(input_ids=ids[first, :-1], attention_mask=mask[first, :-1], position_ids=positions[:, :-1],
                   use_cache=True, **prefilled)
         prefilled[cache_arg].batch_repeat_interleave(copies)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=LogitsProcessorList([sampler] if sampler else []), **prefilled)[:, length:]
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config, **prefilled,
+                             logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
     if sampler:
         sampler.record(out[:, -1])
         logprobs = torch.stack(sampler.logprobs, 1).tolist()

@@ -10,7 +10,8 @@ MLP 4864, vocab 151936, tied embeddings, random init):
   sft_demo   sft.py's demo: the tiny model (random init), data/sft_train.jsonl, 32 conversations per step
   dpo_demo   the demo SFT checkpoint, data/dpo_train.jsonl, 16 pairs per step, sigmoid loss, beta 0.1
   grpo_demo  the demo SFT checkpoint, data/rl_train.jsonl, 16 prompts x 8 samples, 32 new tokens, dapo
-  ppo_demo   nanopost only (TRL's PPO is not a like-for-like loop): 64 prompts, 2 PPO epochs
+  ppo_demo   nanopost only, packed against padded (TRL's PPO is not a like-for-like loop): the demo SFT
+             checkpoint, rollouts of 64 prompts, 32 new tokens, 2 PPO epochs (its "steps" are rollouts)
   sft_896    the 896-wide shape, data/sft_train.jsonl, 8 conversations per step
   grpo_896   the 896-wide shape, data/rl_train.jsonl, 4 prompts x 4 samples, 64 new tokens (a random model
              never ends early, so both sample all 64)
@@ -24,7 +25,8 @@ evaluated during the steps, torch threads --threads for both (OMP_NUM_THREADS). 
 own tokenization (input ids and assistant-token mask), so the loss mask is the same token for token;
 max length 256. DPO: both compute the reference log-probs once before training (TRL:
 precompute_ref_log_probs=True; nanopost caches them), max length 256; TRL tokenizes the pairs with the
-same chat template (the JSON line records how many rows' token counts differ). GRPO: the same prompts
+same chat template (its JSON line records TRL's token count over nanopost's: TRL keeps the template's line
+break after the end-of-turn token, about 3% more tokens). GRPO: the same prompts
 through the chat template, gsm8k verifier rewards, temperature 1, top-p 1, beta 0, dapo loss, epsilon 0.2,
 one iteration per rollout, HF generate with a KV cache for both. nanopost runs its defaults otherwise
 (packed micro-batches; `nanopost_padded` is the same with --no_padding_free); TRL pads each batch to its
@@ -34,9 +36,11 @@ Measurement. Each run is its own process (`python bench/cpu_vs_trl.py --worker .
 (round r runs nanopost first when r is even, TRL first otherwise). A step's time is the interval between
 consecutive step ends (nanopost: Run.end_step; TRL: on_step_end), so both include everything a step does
 (generation, logging); the first --warmup steps of each run are dropped and a run's figure is the median of
-its other steps; a stage's figure is the median over rounds. Peak memory is the process's peak resident set
-size (ru_maxrss: loading, data and training included), the largest over rounds. The load of the machine
-(1-minute load average and CPU pressure, /proc/pressure/cpu "some avg60") is recorded before every run.
+its other steps; a stage's figure is the median over rounds. The JSON lines also hold each step's CPU seconds
+(all threads), which other processes on the machine inflate less than wall time. Peak memory is the
+process's peak resident set size (ru_maxrss: loading, data and training included), the largest over rounds.
+The load of the machine (1-minute load average and CPU pressure, /proc/pressure/cpu "some avg60") is
+recorded before every run: measure on an otherwise idle machine.
 """
 
 import argparse
@@ -79,7 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS,
                         help="what to run on each stage (default: all; nanopost_padded on the demo stages only, TRL "
                              "where it has the algorithm)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each tool on each stage, alternating (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each tool on each stage, alternating (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run (default 3)")
     parser.add_argument("--steps", type=float, default=1.0,
                         help="scales each stage's measured steps (default 1: 20 SFT and DPO demo steps, 10 GRPO, "
@@ -158,8 +163,8 @@ def nanopost_flags(stage, steps, data, model, output_dir, padded):
     # PPO's steps are rollouts of 2 optimizer steps (one per PPO epoch)
     flags = ["--model", model, "--dataset", data, "--eval_dataset", "None", "--output_dir", output_dir,
              "--overwrite_output_dir", "--max_steps", str(steps * (2 if algorithm == "ppo" else 1)),
-             "--lr", str(LR[algorithm]), "--lr_schedule",
-             SCHEDULE[algorithm], "--warmup_ratio", "0", "--precision", "fp32", "--seed", str(SEED)]
+             "--lr", str(LR[algorithm]), "--lr_schedule", SCHEDULE[algorithm], "--warmup_ratio", "0",
+             "--precision", "fp32", "--seed", str(SEED)]
     if algorithm in ("sft", "dpo"):
         flags += ["--per_device_batch_size", str(shape["batch"]), "--max_seq_len", str(MAX_LEN)]
     if algorithm == "dpo":
@@ -182,8 +187,8 @@ CATEGORIES = [("attention", ("scaled_dot_product", "flash_attention")),
               ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")),
               ("optimizer", ("adam", "_foreach", "vector_norm")),
               ("data movement", ("copy", "cat", "index", "scatter", "gather", "fill", "zero", "empty", "clone",
-                                 "stack", "pad", "_backward", "narrow", "split", "chunk", "contiguous", "_to",
-                                 "resize", "set_", "masked_select", "nonzero"))]
+                                 "stack", "pad", "slice_backward", "select_backward", "embedding", "narrow", "split",
+                                 "chunk", "contiguous", "_to", "resize", "set_", "masked_select", "nonzero"))]
 
 
 def category(name):
@@ -323,9 +328,9 @@ def run_trl(stage, steps, work, args, clock):
                             num_generations=shape["generations"], max_completion_length=shape["new_tokens"],
                             temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, num_iterations=1,
                             scale_rewards="group")
+        prompts = Dataset.from_list([{"prompt": r["messages"], "ground_truth": r["ground_truth"]} for r in data])
         trainer = GRPOTrainer(model=model, reward_funcs=[gsm8k_reward], args=config, processing_class=tokenizer,
-                              train_dataset=Dataset.from_list([{"prompt": r["messages"], "ground_truth": r["ground_truth"]}
-                                                               for r in data]), callbacks=[Timer()])
+                              train_dataset=prompts, callbacks=[Timer()])
     trainer.train()
     if algorithm == "grpo":
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -429,8 +434,9 @@ def table(summaries):
     for s in summaries:
         def rate(tool):
             return f"{s[tool]['steps_per_s']:.3g}" if tool in s else "-"
-        ratio = f"{s['speed_ratio']:.2f} (>= {s['target']}: {'met' if s['speed_ratio'] >= s['target'] else 'not met'})" \
-            if "speed_ratio" in s else "-"
+        ratio = "-"
+        if "speed_ratio" in s:
+            ratio = f"{s['speed_ratio']:.2f} (>= {s['target']}: {'met' if s['speed_ratio'] >= s['target'] else 'not met'})"
         memory = " / ".join(f"{s[t]['peak_GiB']:.2f}" if t in s else "-" for t in ("nanopost", "trl"))
         if "memory_ratio" in s:
             memory += " (met)" if s["memory_ratio"] <= 1 else " (not met)"

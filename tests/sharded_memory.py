@@ -1,8 +1,8 @@
 """Run by tests/test_sharded.py under torchrun: grpo.py's main on a model given by its config alone, with
 each rank's peak host memory (the kernel's high-water mark of resident memory, reset before each phase)
 recorded over loading (the frozen reference, then the policy, which frees rank 0's whole model as it fills
-in), building and filling the generation copy, and saving final/. Writes OUTPUT_DIR/memory_rank<r>.json: per phase the peak above the resident memory at
-its start, in bytes, and the model's size in fp32.
+in), building and filling the generation copy, and saving final/. Writes OUTPUT_DIR/memory_rank<r>.json:
+per phase the peak above the resident memory at its start, in bytes, and the model's size in fp32.
 
     torchrun --nproc_per_node 2 tests/sharded_memory.py MODEL_DIR DATASET OUTPUT_DIR
 """

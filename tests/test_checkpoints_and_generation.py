@@ -2,7 +2,8 @@
 (the KV cache on) in the source's dtype or --save_dtype; the generation copies of grpo.py and
 ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and the static
 cache (the default on CUDA, where generate compiles its decode step) gives exactly the greedy tokens of
-the dynamic one, and copies of a prompt in a row are read once and sample what generate samples alone; --precision bf16 runs every script end to end on 2 CPU ranks (gloo); step_N/ survives
+the dynamic one, and copies of a prompt in a row are read once and sample what generate samples alone;
+--precision bf16 runs every script end to end on 2 CPU ranks (gloo); step_N/ survives
 SIGKILLs with --save_total_limit, and --resume unpickles nothing but tensors and plain containers."""
 
 import copy
@@ -89,7 +90,8 @@ def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script,
     themselves, not a copy of them."""
     gen_lm = script.generation_copy(script.PolicyLogprobs(no_cache_lm), dtype, torch.device("cpu"), "sdpa")
     script.refresh_generation_copy(script.PolicyLogprobs(no_cache_lm), gen_lm)
-    shared = [gen_lm.get_parameter(name).data_ptr() == param.data_ptr() for name, param in no_cache_lm.named_parameters()]
+    shared = [gen_lm.get_parameter(name).data_ptr() == param.data_ptr()
+              for name, param in no_cache_lm.named_parameters()]
     assert all(shared) if dtype == torch.float32 else not any(shared)
     ids = torch.tensor([list(range(3, 60))])
     policy = copy.deepcopy(no_cache_lm)
@@ -137,7 +139,8 @@ def test_copies_of_a_prompt_are_read_once_and_sample_what_generate_samples_alone
     """k copies of each prompt in a row (a GRPO group, eval's --num_samples): the model reads each distinct prompt
     once (all but its last token), the copies decode from its repeated KV cache, and with the same seed the
     completions and the sampler's log-probs are those of generate reading every copy itself."""
-    assert [script.copies_in_a_row(p) for p in ([1, 1, 2, 2], [1, 2, 1, 2], [3, 3, 3], [4], [1, 1, 2])] == [2, 1, 3, 1, 1]
+    cases = {(1, 1, 2, 2): 2, (1, 2, 1, 2): 1, (3, 3, 3): 3, (4,): 1, (1, 1, 2): 1}
+    assert {case: script.copies_in_a_row([[t] for t in case]) for case in cases} == cases
     lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     prompts = [[int(t) for t in p] for p in demo_prompts(2) for _ in range(4)]
     shapes = []
