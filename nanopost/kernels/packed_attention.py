@@ -64,12 +64,28 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return padded_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling, sliding_window), None
 
 
+class _Repad(torch.autograd.Function):
+    """x [T, ...] -> x[slots] [N * longest, ...]: the packed tokens into their slots of the padded batch, every
+    token in one real slot and the padding slots holding copies of other tokens. The gradient flows back from
+    the real slots alone (one gather, no zero-filled scatter): attention gives the padding slots none."""
+
+    @staticmethod
+    def forward(ctx, x, slots, real):
+        ctx.save_for_backward(real)
+        return x.index_select(0, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        real, = ctx.saved_tensors
+        return grad.index_select(0, real), None, None
+
+
 def padded_attention(query, key, value, cu_seq_lens, max_length, scaling, sliding_window):
     """packed_attention without varlen_attn: the sequences right-padded into one batch [N, heads, longest, D],
     one scaled_dot_product_attention over it, the real tokens gathered back -> [1, T, heads, D]. Causal
     attention keeps every real query off the padding, which only follows it; the padded queries' outputs are
-    dropped, so no gradient flows through the padding slots, which may therefore hold any token (here the
-    ones that follow in the row)."""
+    dropped, so the padding slots get no gradient (neither as queries nor as keys, which only padded queries
+    see) and may hold any token (here the ones that follow in the row)."""
     lengths = cu_seq_lens.diff().long()
     longest = int(max_length) if max_length is not None else int(lengths.max())
     slot = torch.arange(longest, device=query.device)
@@ -78,7 +94,7 @@ def padded_attention(query, key, value, cu_seq_lens, max_length, scaling, slidin
     real = (slot < lengths[:, None]).flatten().nonzero().squeeze(1)  # the slots of real tokens, in packed order
 
     def padded(x):  # [1, heads, T, D] -> [N, heads, longest, D]
-        return x[0].transpose(0, 1).index_select(0, source).unflatten(0, (len(lengths), longest)).transpose(1, 2)
+        return _Repad.apply(x[0].transpose(0, 1), source, real).unflatten(0, (len(lengths), longest)).transpose(1, 2)
 
     mask = None
     if sliding_window and longest > sliding_window:  # the same for every sequence: all start at slot 0
