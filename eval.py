@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
 from nanopost import verifiers
@@ -557,12 +557,20 @@ class SamplerLogprobs(LogitsProcessor):
         self.logprobs.append(scores.float().gather(1, tokens[:, None]).squeeze(1) - normalizer)
 
 
+def copies_in_a_row(prompts):
+    """k when the prompts are runs of k equal prompts in a row (a group's samples, eval's --num_samples), else 1."""
+    k = next((i for i, p in enumerate(prompts) if p != prompts[0]), len(prompts))
+    return k if len(prompts) % k == 0 and all(prompts[i] == prompts[i - i % k] for i in range(len(prompts))) else 1
+
+
 @torch.no_grad()
 def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
     """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
     temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
     probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
     fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
+    With the dynamic cache, k copies of a prompt in a row are read once: the model runs on each distinct
+    prompt (all but its last token) and its KV cache is repeated for the copies, from which generate goes on.
     Returns each completion's token ids, up to and including its first stop token; whether it stopped
     (else it was cut at max_new_tokens); and when sampling, each token's log-prob under the distribution
     it was drawn from (temperature and top-p applied), else None."""
@@ -578,7 +586,17 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampler else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                               use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+    prefilled, copies = {}, copies_in_a_row(prompts)
+    if width is None and copies > 1 and length > 1:
+        # positions as generate numbers left-padded rows; transformers renamed past_key_values to cache (5.2x)
+        first = slice(None, None, copies)
+        positions = (mask[first].cumsum(-1) - 1).masked_fill(mask[first] == 0, 1)
+        cache_arg = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
+        prefilled = {cache_arg: DynamicCache(config=generator.config)}
+        generator(input_ids=ids[first, :-1], attention_mask=mask[first, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, **prefilled)
+        prefilled[cache_arg].batch_repeat_interleave(copies)
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config, **prefilled,
                              logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
     if sampler:
         sampler.record(out[:, -1])

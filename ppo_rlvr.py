@@ -68,13 +68,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.utils import logging as transformers_logging
 
@@ -492,14 +492,14 @@ def main(args):
     batch_size = local_batch * run.world
     total_steps = run.total_steps(len(train), batch_size, "prompts", updates)
 
-    # policy, frozen reference (the starting policy) and reward model, both stored in the compute dtype, and value
-    # model (from the reward model where there is one, as InstructGPT), dropout off; an unsharded copy of the policy
-    # on each rank samples
+    # frozen reference (the starting policy, stored in the compute dtype), policy (rank 0 frees its whole model as
+    # it fills it in), frozen reward model (also in the compute dtype) and value model (from the reward model where
+    # there is one, as InstructGPT), dropout off; an unsharded copy of the policy on each rank samples
     full = load_full(args.model, args.attn_implementation, run, model_config(args.model, dropout=False))
+    reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False,
+                          free_full=False).eval().requires_grad_(False)
     policy = run.build(PolicyLogprobs, args.model, full, dropout=False,
                        gradient_checkpointing=args.gradient_checkpointing)
-    reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False).eval().requires_grad_(
-        False)
     del full
     reward_model = load_reward_model(args.reward_model, run) if args.reward_model else None
     value_init = args.value_model or args.reward_model or args.model
@@ -729,12 +729,13 @@ class Run:
         return self.args.max_steps or self.args.num_epochs * (n_rows // batch_size) * steps_per_batch
 
     def build(self, wrapper, name, full=None, dtype=torch.float32, dropout=True, gradient_checkpointing=False,
-              auto_class=AutoModelForCausalLM, **config):
+              auto_class=AutoModelForCausalLM, free_full=True, **config):
         """wrapper(the model `name`), a module holding it as .lm that runs its head, sharded with FSDP2 over each
         decoder layer, then over the root (so FSDP unshards the head's weight and reduces its gradient), its
         parameters stored in `dtype` and computed in the compute dtype. Built on the meta device, then filled
         with the weights of `full`, rank 0's whole model (default: what load_full reads), each rank receiving
-        only its shards (see materialize). config: overrides of the model's config."""
+        only its shards and rank 0 freeing each tensor of `full` once copied (see materialize); free_full=False
+        keeps `full` whole for another model built from it. config: overrides of the model's config."""
         config = model_config(name, dropout, **config)
         full = full if full is not None else load_full(name, self.args.attn_implementation, self, config, auto_class)
         model = wrapper(empty_model(config, self.args.attn_implementation, dtype, auto_class))
@@ -746,7 +747,7 @@ class Run:
         for layer in model.lm.base_model.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         fully_shard(model, mesh=self.mesh, mp_policy=mp)
-        materialize(model, full, self.device)
+        materialize(model, full, self.device, free_full)
         return model.train()
 
     def begin(self, models, schedulers, total_steps, match):
@@ -1179,15 +1180,23 @@ class RewardScores(torch.nn.Module):
 
 
 @torch.no_grad()
-def materialize(model, full, device):
+def materialize(model, full, device, free_full=False):
     """Fills the sharded meta-device `model` (a wrapper holding the model as .lm) with the weights of `full`,
-    the same model whole on rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts
-    one tensor at a time and each rank keeps its slice, in its own dtype. Tied weights stay one parameter
-    (to_empty keeps FSDP's parameter objects); buffers, also those not saved with the weights (rotary
-    frequencies), are rank 0's."""
+    the same model whole in fp32 on rank 0 (None elsewhere), one tensor at a time: rank 0 broadcasts it and
+    each rank keeps its slice, in its own dtype. free_full (on the last model filled from `full`): rank 0
+    frees each tensor of `full` once it is copied, so that its shards fill in the memory `full` gives back.
+    Tied weights stay one parameter (to_empty keeps FSDP's parameter objects); buffers, also those not saved
+    with the weights (rotary frequencies), are rank 0's."""
     model.to_empty(device=device)
-    state = {f"lm.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, param in model.named_parameters():
+        source = full.get_parameter(name.removeprefix("lm.")) if full is not None else None
+        whole = source.detach().to(device) if source is not None else torch.empty(param.shape, device=device)
+        dist.broadcast(whole, 0)
+        param.to_local().copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                                 src_data_rank=None).to_local())
+        del whole
+        if free_full and source is not None:
+            source.data = torch.empty(0)  # a tied weight is one Parameter: this frees it for every module using it
     for name, buffer in model.named_buffers():
         if full is not None:
             buffer.copy_(full.get_buffer(name.removeprefix("lm.")))
@@ -1204,11 +1213,10 @@ def lr_lambda(schedule, total_steps, warmup_steps):
 
 
 def adamw(model, lr, args, total_steps):
-    """AdamW (fused on CUDA) and its schedule: linear warmup over --warmup_ratio of total_steps, then
-    --lr_schedule to 0 at the last step."""
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    """AdamW and its schedule: linear warmup over --warmup_ratio of total_steps, then --lr_schedule to 0 at the
+    last step. Fused on CPU as on CUDA: one kernel over all parameters, several times faster than the loop
+    over them, and the same update to float rounding."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
 
@@ -1579,14 +1587,24 @@ def generation_copy(model, dtype, device, attn_implementation):
 @torch.no_grad()
 def refresh_generation_copy(model, gen_lm):
     """Copies the current FSDP weights into the whole copy, one parameter at a time (each rank gathers
-    each parameter once), in place, so that a compiled generation graph stays valid."""
+    each parameter once), in place, so that a compiled generation graph stays valid. A parameter whose
+    shard on this rank is already the whole of it, in the copy's dtype and device (one rank in fp32), is
+    not copied: the copy samples from the shard itself (the optimizer updates it in place)."""
     targets = dict(gen_lm.named_parameters())
     names = {name.removeprefix("lm.") for name, _ in model.named_parameters()}
     if names != set(targets):
         raise RuntimeError(f"generation copy out of sync: {sorted(names ^ set(targets))}")
     for name, param in model.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        targets[name.removeprefix("lm.")].copy_(full)
+        target = targets[name.removeprefix("lm.")]
+        # the same on every rank (full_tensor is a collective): only a mesh of one shard holds it whole
+        whole = not hasattr(param, "placements") or all(
+            param.device_mesh.size(dim) == 1 for dim, placement in enumerate(param.placements) if placement.is_shard())
+        local = (param.to_local() if hasattr(param, "to_local") else param).detach()
+        if whole and (local.dtype, local.device) == (target.dtype, target.device):
+            if target.data_ptr() != local.data_ptr():
+                target.data = local
+        else:
+            target.copy_(param.full_tensor() if hasattr(param, "full_tensor") else param)
 
 
 def static_cache(generation_cache, device):
@@ -1618,12 +1636,20 @@ class SamplerLogprobs(LogitsProcessor):
         self.logprobs.append(scores.float().gather(1, tokens[:, None]).squeeze(1) - normalizer)
 
 
+def copies_in_a_row(prompts):
+    """k when the prompts are runs of k equal prompts in a row (a group's samples, eval's --num_samples), else 1."""
+    k = next((i for i, p in enumerate(prompts) if p != prompts[0]), len(prompts))
+    return k if len(prompts) % k == 0 and all(prompts[i] == prompts[i - i % k] for i in range(len(prompts))) else 1
+
+
 @torch.no_grad()
 def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None):
     """Completions of prompts (token id lists) with a KV cache, whatever the model's config says: greedy at
     temperature 0, else drawn at `temperature` from the smallest set of tokens holding top_p of the
     probability. Prompts are left-padded to the longest, or to `width`, which makes the cache static: a
     fixed size, so that on CUDA generate compiles the decode step once (torch.compile) and replays it.
+    With the dynamic cache, k copies of a prompt in a row are read once: the model runs on each distinct
+    prompt (all but its last token) and its KV cache is repeated for the copies, from which generate goes on.
     Returns each completion's token ids, up to and including its first stop token; whether it stopped
     (else it was cut at max_new_tokens); and when sampling, each token's log-prob under the distribution
     it was drawn from (temperature and top-p applied), else None."""
@@ -1639,7 +1665,17 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampler else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                               use_cache=True, **({"cache_implementation": "static"} if width else {}), **sampling)
-    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+    prefilled, copies = {}, copies_in_a_row(prompts)
+    if width is None and copies > 1 and length > 1:
+        # positions as generate numbers left-padded rows; transformers renamed past_key_values to cache (5.2x)
+        first = slice(None, None, copies)
+        positions = (mask[first].cumsum(-1) - 1).masked_fill(mask[first] == 0, 1)
+        cache_arg = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
+        prefilled = {cache_arg: DynamicCache(config=generator.config)}
+        generator(input_ids=ids[first, :-1], attention_mask=mask[first, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, **prefilled)
+        prefilled[cache_arg].batch_repeat_interleave(copies)
+    out = generator.generate(input_ids=ids, attention_mask=mask, generation_config=config, **prefilled,
                              logits_processor=LogitsProcessorList([sampler] if sampler else []))[:, length:]
     if sampler:
         sampler.record(out[:, -1])

@@ -43,10 +43,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import tyro
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -411,12 +411,13 @@ class Run:
         return self.args.max_steps or self.args.num_epochs * (n_rows // batch_size) * steps_per_batch
 
     def build(self, wrapper, name, full=None, dtype=torch.float32, dropout=True, gradient_checkpointing=False,
-              auto_class=AutoModelForCausalLM, **config):
+              auto_class=AutoModelForCausalLM, free_full=True, **config):
         """wrapper(the model `name`), a module holding it as .lm that runs its head, sharded with FSDP2 over each
         decoder layer, then over the root (so FSDP unshards the head's weight and reduces its gradient), its
         parameters stored in `dtype` and computed in the compute dtype. Built on the meta device, then filled
         with the weights of `full`, rank 0's whole model (default: what load_full reads), each rank receiving
-        only its shards (see materialize). config: overrides of the model's config."""
+        only its shards and rank 0 freeing each tensor of `full` once copied (see materialize); free_full=False
+        keeps `full` whole for another model built from it. config: overrides of the model's config."""
         config = model_config(name, dropout, **config)
         full = full if full is not None else load_full(name, self.args.attn_implementation, self, config, auto_class)
         model = wrapper(empty_model(config, self.args.attn_implementation, dtype, auto_class))
@@ -428,7 +429,7 @@ class Run:
         for layer in model.lm.base_model.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         fully_shard(model, mesh=self.mesh, mp_policy=mp)
-        materialize(model, full, self.device)
+        materialize(model, full, self.device, free_full)
         return model.train()
 
     def begin(self, models, schedulers, total_steps, match):
@@ -760,15 +761,23 @@ def load_full(name, attn_implementation, run, config=None, auto_class=AutoModelF
 
 
 @torch.no_grad()
-def materialize(model, full, device):
+def materialize(model, full, device, free_full=False):
     """Fills the sharded meta-device `model` (a wrapper holding the model as .lm) with the weights of `full`,
-    the same model whole on rank 0 (None elsewhere): each rank allocates only its shards, rank 0 broadcasts
-    one tensor at a time and each rank keeps its slice, in its own dtype. Tied weights stay one parameter
-    (to_empty keeps FSDP's parameter objects); buffers, also those not saved with the weights (rotary
-    frequencies), are rank 0's."""
+    the same model whole in fp32 on rank 0 (None elsewhere), one tensor at a time: rank 0 broadcasts it and
+    each rank keeps its slice, in its own dtype. free_full (on the last model filled from `full`): rank 0
+    frees each tensor of `full` once it is copied, so that its shards fill in the memory `full` gives back.
+    Tied weights stay one parameter (to_empty keeps FSDP's parameter objects); buffers, also those not saved
+    with the weights (rotary frequencies), are rank 0's."""
     model.to_empty(device=device)
-    state = {f"lm.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, param in model.named_parameters():
+        source = full.get_parameter(name.removeprefix("lm.")) if full is not None else None
+        whole = source.detach().to(device) if source is not None else torch.empty(param.shape, device=device)
+        dist.broadcast(whole, 0)
+        param.to_local().copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                                 src_data_rank=None).to_local())
+        del whole
+        if free_full and source is not None:
+            source.data = torch.empty(0)  # a tied weight is one Parameter: this frees it for every module using it
     for name, buffer in model.named_buffers():
         if full is not None:
             buffer.copy_(full.get_buffer(name.removeprefix("lm.")))
@@ -785,11 +794,10 @@ def lr_lambda(schedule, total_steps, warmup_steps):
 
 
 def adamw(model, lr, args, total_steps):
-    """AdamW (fused on CUDA) and its schedule: linear warmup over --warmup_ratio of total_steps, then
-    --lr_schedule to 0 at the last step."""
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    """AdamW and its schedule: linear warmup over --warmup_ratio of total_steps, then --lr_schedule to 0 at the
+    last step. Fused on CPU as on CUDA: one kernel over all parameters, several times faster than the loop
+    over them, and the same update to float rounding."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, total_steps, int(args.warmup_ratio * total_steps)))
 

@@ -1,8 +1,8 @@
 """Run by tests/test_sharded.py under torchrun: grpo.py's main on a model given by its config alone, with
 each rank's peak host memory (the kernel's high-water mark of resident memory, reset before each phase)
-recorded over loading (policy, then the frozen reference), building and filling the generation copy, and
-saving final/. Writes OUTPUT_DIR/memory_rank<r>.json: per phase the peak above the resident memory at
-its start, in bytes, and the model's size in fp32.
+recorded over loading (the frozen reference, then the policy, which frees rank 0's whole model as it fills
+in), building and filling the generation copy, and saving final/. Writes OUTPUT_DIR/memory_rank<r>.json:
+per phase the peak above the resident memory at its start, in bytes, and the model's size in fp32.
 
     torchrun --nproc_per_node 2 tests/sharded_memory.py MODEL_DIR DATASET OUTPUT_DIR
 """
@@ -53,11 +53,12 @@ def main(model, dataset, out):
             return fn(*args, **kwargs)
         return wrapped
 
-    def timed_materialize(root, full, device):
-        materialize(root, full, device)
+    def timed_materialize(root, full, device, free_full):
+        materialize(root, full, device, free_full)
         calls["materialize"] += 1
-        # policy: the policy's shards; load: the reference's too (and on rank 0 its full model)
-        phases.end({1: "policy", 2: "load"}[calls["materialize"]])
+        # from the start of loading: reference, the reference's shards (and on rank 0 the whole model); load, the
+        # policy's shards too
+        phases.end({1: "reference", 2: "load"}[calls["materialize"]])
         sizes["fp32_bytes"] = 4 * sum(p.numel() for p in root.parameters())
 
     def timed_generation_copy(*args):

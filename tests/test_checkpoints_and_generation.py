@@ -2,7 +2,8 @@
 (the KV cache on) in the source's dtype or --save_dtype; the generation copies of grpo.py and
 ppo_rlvr.py and eval.py's model decode with a KV cache whatever the model's config says, and the static
 cache (the default on CUDA, where generate compiles its decode step) gives exactly the greedy tokens of
-the dynamic one; --precision bf16 runs every script end to end on 2 CPU ranks (gloo); step_N/ survives
+the dynamic one, and copies of a prompt in a row are read once and sample what generate samples alone;
+--precision bf16 runs every script end to end on 2 CPU ranks (gloo); step_N/ survives
 SIGKILLs with --save_total_limit, and --resume unpickles nothing but tensors and plain containers."""
 
 import copy
@@ -84,9 +85,14 @@ def no_cache_lm():
 @pytest.mark.parametrize("script", [grpo, ppo_rlvr])
 def test_generation_copy_holds_the_policy_and_decodes_one_token_per_step(script, dtype, no_cache_lm):
     """The copy computes exactly what the policy computes in the compute dtype (FSDP casts parameters,
-    not buffers: the rotary frequencies stay fp32), and decodes with a KV cache."""
+    not buffers: the rotary frequencies stay fp32), and decodes with a KV cache. Where the policy's
+    parameters are whole and in the compute dtype (here fp32: one process), the copy is the parameters
+    themselves, not a copy of them."""
     gen_lm = script.generation_copy(script.PolicyLogprobs(no_cache_lm), dtype, torch.device("cpu"), "sdpa")
     script.refresh_generation_copy(script.PolicyLogprobs(no_cache_lm), gen_lm)
+    shared = [gen_lm.get_parameter(name).data_ptr() == param.data_ptr()
+              for name, param in no_cache_lm.named_parameters()]
+    assert all(shared) if dtype == torch.float32 else not any(shared)
     ids = torch.tensor([list(range(3, 60))])
     policy = copy.deepcopy(no_cache_lm)
     for param in policy.parameters():  # what FSDP computes with: parameters cast to the compute dtype
@@ -126,6 +132,32 @@ def test_static_cache_gives_the_greedy_tokens_of_the_dynamic_one(script, policy)
     widths = input_lengths(lm)
     assert script.sample(lm, prompts, 0, [EOT], 12, width=64) == dynamic
     assert widths[0] == 64  # every prompt left-padded to the static width
+
+
+@pytest.mark.parametrize("script", [grpo, ppo_rlvr, evaluation])
+def test_copies_of_a_prompt_are_read_once_and_sample_what_generate_samples_alone(script, policy, monkeypatch):
+    """k copies of each prompt in a row (a GRPO group, eval's --num_samples): the model reads each distinct prompt
+    once (all but its last token), the copies decode from its repeated KV cache, and with the same seed the
+    completions and the sampler's log-probs are those of generate reading every copy itself."""
+    cases = {(1, 1, 2, 2): 2, (1, 2, 1, 2): 1, (3, 3, 3): 3, (4,): 1, (1, 1, 2): 1}
+    assert {case: script.copies_in_a_row([[t] for t in case]) for case in cases} == cases
+    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    prompts = [[int(t) for t in p] for p in demo_prompts(2) for _ in range(4)]
+    shapes = []
+    lm.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                 with_kwargs=True)
+    torch.manual_seed(0)
+    shared = script.sample(lm, prompts, 0, [EOT], 12, temperature=1.0)
+    width = max(len(p) for p in prompts)
+    assert shapes[:3] == [(2, width - 1), (8, 1), (8, 1)]  # 2 distinct prompts, then the 8 copies token by token
+    monkeypatch.setattr(script, "copies_in_a_row", lambda prompts: 1)
+    shapes.clear()
+    torch.manual_seed(0)
+    alone = script.sample(lm, prompts, 0, [EOT], 12, temperature=1.0)
+    assert shapes[0] == (8, width)
+    assert shared[:2] == alone[:2] and len({tuple(c) for c in alone[0]}) > 2  # the same (varied) completions
+    for got, expected in zip(shared[2], alone[2]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_eval_static_cache_gives_the_greedy_completions_of_the_dynamic_one(policy):

@@ -42,12 +42,20 @@ def masked_attention(q, k, v, lengths, scale, window):
     return (torch.softmax(scores, -1) @ v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_packed_attention_keeps_each_token_in_its_own_sequence(window):
+MANY = torch.randint(1, 24, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("window", [None, 1, 3, 30], ids=["causal", "window1", "window3", "window_past_all"])
+@pytest.mark.parametrize("lengths", [[5, 1, 9, 2], [1], [1, 1, 1], [9, 9], MANY], ids=["mixed", "one_token",
+                                                                                        "one_token_each", "equal",
+                                                                                        "60_sequences"])
+def test_packed_attention_keeps_each_token_in_its_own_sequence(lengths, window, kv_heads):
+    """Outputs and gradients (of q, k and v) against the explicit masked softmax, in fp64: grouped-query and
+    multi-query heads, sliding windows shorter and longer than the sequences, one-token sequences, 60 of them."""
     torch.manual_seed(0)
-    lengths = [5, 1, 9, 2]
     q = torch.randn(1, 4, sum(lengths), 8, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(1, 2, sum(lengths), 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, sum(lengths), 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     bounds = torch.tensor([0] + lengths).cumsum(0, dtype=torch.int32)
     out, _ = packed_attention(torch.nn.Module(), q, k, v, None, scaling=0.3, sliding_window=window,
                               cu_seq_lens_q=bounds, max_length_q=max(lengths))

@@ -12,8 +12,10 @@ ids restart at 0 with each sequence, and passes the boundaries to the model's fo
 Every token attends causally to the tokens of its own sequence only (within the model's sliding
 window, where a layer has one). On CUDA in bf16/fp16 this is PyTorch's FlashAttention over packed
 sequences, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): no padding, no [T, T] mask.
-Elsewhere (CPU, fp32) each sequence goes through `scaled_dot_product_attention` on its own, which
-gives the same numbers as a padded batch. Attention features that varlen_attn lacks (logit
+Elsewhere (CPU, fp32) the row's sequences are gathered into one right-padded batch [N, heads,
+longest, D] for a single `scaled_dot_product_attention` call, and the real tokens' outputs are
+gathered back: the numbers of a padded batch, with the padding only inside attention (the
+projections and MLPs around it see none). Attention features that varlen_attn lacks (logit
 softcapping, attention sinks, dropout, non-causal layers, an explicit mask) raise a ValueError
 instead of being silently dropped.
 """
@@ -59,14 +61,45 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                           window_size=window, **gqa)
         return out.unsqueeze(0), None
-    bounds = cu_seq_lens_q.tolist()
-    outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        mask = None
-        if sliding_window and end - start > sliding_window:
-            i = torch.arange(end - start, device=query.device)
-            mask = (i[:, None] >= i) & (i[:, None] - i < sliding_window)
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
-            is_causal=mask is None, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))
-    return torch.cat(outputs, 2).transpose(1, 2), None
+    return padded_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling, sliding_window), None
+
+
+class _Repad(torch.autograd.Function):
+    """x [T, ...] -> x[slots] [N * longest, ...]: the packed tokens into their slots of the padded batch, every
+    token in one real slot and the padding slots holding copies of other tokens. The gradient flows back from
+    the real slots alone (one gather, no zero-filled scatter): attention gives the padding slots none."""
+
+    @staticmethod
+    def forward(ctx, x, slots, real):
+        ctx.save_for_backward(real)
+        return x.index_select(0, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        real, = ctx.saved_tensors
+        return grad.index_select(0, real), None, None
+
+
+def padded_attention(query, key, value, cu_seq_lens, max_length, scaling, sliding_window):
+    """packed_attention without varlen_attn: the sequences right-padded into one batch [N, heads, longest, D],
+    one scaled_dot_product_attention over it, the real tokens gathered back -> [1, T, heads, D]. Causal
+    attention keeps every real query off the padding, which only follows it; the padded queries' outputs are
+    dropped, so the padding slots get no gradient (neither as queries nor as keys, which only padded queries
+    see) and may hold any token (here the ones that follow in the row)."""
+    lengths = cu_seq_lens.diff().long()
+    longest = int(max_length) if max_length is not None else int(lengths.max())
+    slot = torch.arange(longest, device=query.device)
+    # [N * longest]: the packed position that fills each slot of the padded batch
+    source = (cu_seq_lens[:-1, None].long() + slot).clamp(max=query.shape[2] - 1).flatten()
+    real = (slot < lengths[:, None]).flatten().nonzero().squeeze(1)  # the slots of real tokens, in packed order
+
+    def padded(x):  # [1, heads, T, D] -> [N, heads, longest, D]
+        return _Repad.apply(x[0].transpose(0, 1), source, real).unflatten(0, (len(lengths), longest)).transpose(1, 2)
+
+    mask = None
+    if sliding_window and longest > sliding_window:  # the same for every sequence: all start at slot 0
+        mask = (slot[:, None] >= slot) & (slot[:, None] - slot < sliding_window)
+    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), attn_mask=mask,
+                                         is_causal=mask is None, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, real).unsqueeze(0)

@@ -17,6 +17,9 @@ def _chunks(n_rows, vocab):
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    """Each chunk's [rows, V] work runs in place where it can: the fp32 logits (then log-probs) and one more
+    buffer for the probabilities, and the weight's gradient accumulates in place ([V, H] once)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -27,14 +30,16 @@ class _LinearLogprobs(torch.autograd.Function):
         lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device) if with_entropy else None
         for start, end in _chunks(n_rows, vocab):
-            logits = (hidden[start:end].float() @ weight32.T) / temperature
+            logits = hidden[start:end].float() @ weight32.T
+            if temperature != 1.0:
+                logits /= temperature
             chunk_lse = torch.logsumexp(logits, dim=-1)
             lse[start:end] = chunk_lse
             target_logit = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
             logp[start:end] = torch.where(valid[start:end], target_logit - chunk_lse, 0.0)
             if with_entropy:
-                log_probs = logits - chunk_lse[:, None]
-                chunk_entropy = -(log_probs.exp() * log_probs).sum(-1)
+                log_probs = logits.sub_(chunk_lse[:, None])
+                chunk_entropy = -log_probs.exp().mul_(log_probs).sum(-1)
                 entropy[start:end] = torch.where(valid[start:end], chunk_entropy, 0.0)
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, entropy if with_entropy else lse)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
@@ -47,26 +52,32 @@ class _LinearLogprobs(torch.autograd.Function):
         temperature = ctx.temperature
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         weight32 = weight.float()
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         use_entropy = ctx.with_entropy and grad_entropy is not None
         for start, end in _chunks(n_rows, vocab):
             h32 = hidden[start:end].float()
-            logits = (h32 @ weight32.T) / temperature
-            log_probs = logits - lse[start:end, None]
+            logits = h32 @ weight32.T
+            if temperature != 1.0:
+                logits /= temperature
+            log_probs = logits.sub_(lse[start:end, None])
             probs = log_probs.exp()
-            g_logp = torch.where(valid[start:end], grad_logp[start:end].float(), 0.0) if grad_logp is not None else 0.0
-            # d logp_t / d z_j = [j = t] - p_j
-            grad_z = -probs * (g_logp[:, None] if grad_logp is not None else 0.0)
-            if grad_logp is not None:
-                grad_z.scatter_add_(1, targets[start:end, None], g_logp[:, None])
             if use_entropy:
-                # d H / d z_j = -p_j (log p_j + H)
+                # d H / d z_j = -p_j (log p_j + H), weighted by the entropy's gradient (in log_probs' memory)
                 g_ent = torch.where(valid[start:end], grad_entropy[start:end].float(), 0.0)
-                grad_z -= g_ent[:, None] * probs * (log_probs + entropy[start:end, None])
-            grad_z /= temperature
-            grad_hidden[start:end] = grad_z @ weight32
-            grad_weight += grad_z.T @ h32
+                entropy_term = log_probs.add_(entropy[start:end, None]).mul_(probs).mul_(g_ent[:, None])
+            # d logp_t / d z_j = [j = t] - p_j
+            if grad_logp is not None:
+                g_logp = torch.where(valid[start:end], grad_logp[start:end].float(), 0.0)
+                grad_z = probs.mul_(-g_logp[:, None]).scatter_add_(1, targets[start:end, None], g_logp[:, None])
+            else:
+                grad_z = probs.zero_()
+            if use_entropy:
+                grad_z -= entropy_term
+            if temperature != 1.0:
+                grad_z /= temperature
+            torch.mm(grad_z, weight32, out=grad_hidden[start:end])
+            grad_weight.addmm_(grad_z.T, h32)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
 
 
