@@ -104,8 +104,9 @@ def torchrun(script, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", script, *args]
 
 
-# Benchmarks of CPU runs for the README (the demo's spread over seeds and threads): nothing to check on a GPU
-CPU_BENCHMARKS = {"pipeline_spread.py"}
+# Benchmarks of CPU runs for the README (the demo's spread over seeds and threads, nanopost against TRL on
+# CPU): nothing to check on a GPU
+CPU_BENCHMARKS = {"pipeline_spread.py", "cpu_vs_trl.py"}
 
 
 def bench_steps(cpu_smoke):
