@@ -5,8 +5,8 @@ table moves with float rounding (threads, CPU kernels) and the seed, rather than
     python bench/pipeline_spread.py --seeds 1 --threads 1 --scale 0.1 --output_dir /tmp/spread  # a quick check
 
 Runs `python pipeline.py --seed S` with OMP_NUM_THREADS=T for every seed and thread count, each into
-output_dir/seed{S}_threads{T} (a finished run is read, not run again), two one-thread runs at a time
-on a machine with two cores or more (each then has a core of its own), a run with more threads alone.
+output_dir/seed{S}_threads{T} (a finished run is read, not run again), one after the other, each with as
+many stages at a time as the machine has cores for at T threads each (pipeline.py --parallel).
 Then prints, for every cell of pipeline.py's table (held-out accuracy and carry problems per policy
 stage, pair accuracy of the reward model, seconds per stage), the mean and range over the runs, and
 writes them to output_dir/spread.json and spread.md. Each pipeline's own table, plot and stage
@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +31,9 @@ def run_pipeline(output_dir, seed, threads, scale):
         os.makedirs(output_dir, exist_ok=True)
         t0 = time.perf_counter()
         with open(os.path.join(output_dir, "pipeline.log"), "w") as log:
+            parallel = max(1, (os.cpu_count() or 1) // threads)
             subprocess.run([sys.executable, "pipeline.py", "--seed", str(seed), "--scale", str(scale), "--output_dir",
-                            output_dir, "--overwrite_output_dir"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            output_dir, "--overwrite_output_dir", "--parallel", str(parallel)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
         with open(os.path.join(output_dir, "wall_seconds"), "w") as f:
             f.write(str(time.perf_counter() - t0))
@@ -64,14 +64,7 @@ def main():
     args = parser.parse_args()
     runs = [(seed, threads) for threads in args.threads for seed in args.seeds]
     path = {run: os.path.join(os.path.abspath(args.output_dir), f"seed{run[0]}_threads{run[1]}") for run in runs}
-    results = {}
-    parallel = [run for run in runs if run[1] == 1]
-    with ThreadPoolExecutor(max_workers=2 if (os.cpu_count() or 1) >= 2 else 1) as pool:
-        for run, result in zip(parallel, pool.map(lambda run: run_pipeline(path[run], *run, args.scale), parallel)):
-            results[run] = result
-    for run in runs:
-        if run not in results:
-            results[run] = run_pipeline(path[run], *run, args.scale)
+    results = {run: run_pipeline(path[run], *run, args.scale) for run in runs}
 
     per_run = {run: cells(*results[run]) for run in runs}
     names = list(per_run[runs[0]])

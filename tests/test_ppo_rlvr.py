@@ -194,7 +194,8 @@ def test_generation_stops_at_end_of_turn_and_is_seeded(sft_demo_checkpoint):
         else:
             assert eot not in completion and len(completion) == max_new
     assert 0 < sum(ended) < len(prompts)
-    assert sample(1)[:2] == (completions, ended) and sample(2)[0] != completions
+    # the demo model answers most prompts alike under any seed: another seed changes some completion of the 8
+    assert sample(1)[:2] == (completions, ended) and any(sample(seed)[0] != completions for seed in (2, 3, 4))
 
 
 def test_rows_are_checked_with_their_index():
