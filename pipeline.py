@@ -10,9 +10,10 @@ plot of every stage's training curves.
 
 Each stage is the plain scripts with the flags below: the commands it prints are the commands to
 run by hand. Two stages run at a time where their inputs allow it (--parallel), each on its share of
-the cores. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/logs/<stage>.txt (what the
-stage's commands printed), output_dir/results.md, output_dir/pipeline.png. Running a stage again into the same output_dir needs
---overwrite_output_dir; `python eval.py --model runs/pipeline/grpo/final` evaluates a stage again.
+the cores. Outputs: output_dir/<stage>/ (metrics.jsonl, final/), output_dir/logs/<stage>.txt (what
+the stage's commands printed), output_dir/results.md, output_dir/pipeline.png. Running a stage again
+into the same output_dir needs --overwrite_output_dir; `python eval.py --model runs/pipeline/grpo/final`
+evaluates a stage again.
 """
 
 import json
@@ -122,8 +123,8 @@ def run_command(stage, script, flags, nproc, threads, log):
     threads: its OMP_NUM_THREADS (per process), unless the environment sets it."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
-    print(f"[{stage}] $ " + " ".join(["python" if nproc == 1 else f"torchrun --nproc_per_node {nproc}", script] + flags),
-          flush=True)
+    command = ["python" if nproc == 1 else f"torchrun --nproc_per_node {nproc}", script] + flags
+    print(f"[{stage}] $ " + " ".join(command), flush=True)
     env = {"OMP_NUM_THREADS": str(threads), **os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     log.write(f"$ {script} {' '.join(flags)}\n")
     log.flush()
@@ -263,7 +264,10 @@ def main(args):
                 accuracies[stage], carry_accuracies[stage] = held_out_accuracy(model, args.eval_rows)
 
     def run_stage(stage):
-        """The stage's commands in turn, then its held-out evaluation; False if a command failed or was stopped."""
+        """The stage's commands in turn, then its held-out evaluation; False if a command failed or was stopped,
+        None if it did not start because another stage had."""
+        if interrupted or failed:
+            return None
         start, _, commands = stage_specs[stage]
         model = final[start] if start else "assets/tiny"
         if start:  # where this one starts (once: a stage of this run was evaluated when it finished)
@@ -307,7 +311,9 @@ def main(args):
                 break
             finished, _ = wait(running.values(), return_when=FIRST_COMPLETED)
             for stage in [s for s, future in running.items() if future in finished]:
-                (done.add if running.pop(stage).result() else failed.append)(stage)
+                result = running.pop(stage).result()
+                if result is not None:
+                    (done.add if result else failed.append)(stage)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted or failed:
         sys.exit(f"pipeline: {'stopped by Ctrl-C' if interrupted else 'failed'} in {', '.join(failed)}; each stage's "

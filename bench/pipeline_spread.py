@@ -33,7 +33,8 @@ def run_pipeline(output_dir, seed, threads, scale):
         with open(os.path.join(output_dir, "pipeline.log"), "w") as log:
             parallel = max(1, (os.cpu_count() or 1) // threads)
             subprocess.run([sys.executable, "pipeline.py", "--seed", str(seed), "--scale", str(scale), "--output_dir",
-                            output_dir, "--overwrite_output_dir", "--parallel", str(parallel)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            output_dir, "--overwrite_output_dir", "--parallel", str(parallel)], cwd=ROOT, stdout=log,
+                           stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
         with open(os.path.join(output_dir, "wall_seconds"), "w") as f:
             f.write(str(time.perf_counter() - t0))

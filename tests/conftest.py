@@ -170,7 +170,8 @@ def pytest_xdist_node_collection_finished(node, ids):
     would train the demo model itself and the suite would take twice as long, so stop instead."""
     if node.config.getvalue("dist") == "loadgroup" and ids and "@" not in ids[0]:
         raise pytest.UsageError("pytest-xdist's --dist loadgroup does not group the tests with this pytest "
-                                "(pytest-dev/pytest-xdist#1386); install the test extra's pytest: pip install -e '.[test]'")
+                                "(pytest-dev/pytest-xdist#1386); install the test extra's pytest: "
+                                "pip install -e '.[test]'")
 
 
 # A session or module fixture that fails (a run past its timeout on a busy machine, say) raises the

@@ -249,8 +249,8 @@ def enter_namespaces(root):
 def interpreter_dirs():
     """The directories the interpreter and its libraries are in (a venv's bin/, whose python links to the
     base installation, and that installation), none inside another."""
-    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} |
-                    {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))})
+    executable = {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
+    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} | executable)
     return [p for p in needed if not any(p.startswith(q + os.sep) for q in needed)]
 
 
