@@ -209,7 +209,10 @@ def test_writes_outside_its_directory_fail(caller):
     *outside, inside, big = json.loads(result.output)
     assert inside == "written" and big in ("File too large", "No space left on device")
     if "read-only filesystem" in result.protections:
-        assert escaped == [] and set(outside) == {"Read-only file system"}, outside
+        # a directory inside /tmp (a clone of this repository there) is not there at all, or is part of the empty
+        # skeleton that leads to an interpreter bound back in
+        assert escaped == [] and outside[:3] == ["Read-only file system"] * 3, outside
+        assert set(outside) <= {"Read-only file system", "No such file or directory"}, outside
     else:  # the program writes wherever its user may, on the caller's filesystem, and the sandbox says so
         assert "read-only filesystem" in missing_names(result)
     assert_next_call_works(caller)
