@@ -53,7 +53,7 @@ STAGES = [
         ("eval.py", ["--dataset", "data/rl_train.jsonl", "--max_rows", "1500", "--num_samples", "4",
                      "--temperature", "1.0", "--max_completion_len", "32", "--output", "{rs_sft}/samples.jsonl",
                      "--sft_output", "{rs_sft}/best_of_4.jsonl", "--sft_min_score", "1"]),
-        ("sft.py", ["--dataset", "{rs_sft}/best_of_4.jsonl", "--eval_dataset", "None", "--num_epochs", "1",
+        ("sft.py", ["--dataset", "{rs_sft}/best_of_4.jsonl", "--eval_dataset", "None", "--num_epochs", "2",
                     "--lr", "3e-4", "--warmup_ratio", "0"])]),
 ]
 # The curves plotted for each stage: (y-axis label, metric names) per y-axis; a second one is drawn
