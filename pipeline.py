@@ -83,17 +83,18 @@ def is_carry_problem(prompt):
 @dataclass
 class Args:
     output_dir: str = "runs/pipeline"
-    """one subdirectory per stage, plus results.md and pipeline.png"""
+    """one subdirectory per stage, plus logs/ (each stage's output), results.md and pipeline.png"""
     nproc: int = 1
     """processes per stage (torchrun --nproc_per_node) when > 1"""
     parallel: int = min(2, os.cpu_count() or 1)
     """stages run at the same time, each as soon as the stages it needs have finished (2 where the machine has 2
     cores or more: DPO beside the reward model, GRPO beside PPO, ...); each stage's processes get 1/parallel of
-    the cores (OMP_NUM_THREADS, unless set), so a stage computes as it would alone on a machine of 2 cores"""
+    the cores (OMP_NUM_THREADS, unless set), so that the stages never ask for more threads than there are cores"""
     scale: float = 1.0
     """multiplies every stage's step count (epochs for SFT): < 1 for a quick run"""
     stages: tuple[str, ...] = tuple(stage for stage, *_ in STAGES)
-    """which stages to run, in order; a stage's starting model must exist (from this or an earlier run)"""
+    """which stages to run, started in this order as their inputs are ready; a stage's starting model must exist
+    (from this or an earlier run)"""
     eval_rows: int = 300
     """held-out rows evaluated after each stage"""
     seed: int = 1
