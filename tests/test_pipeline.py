@@ -7,17 +7,9 @@ where it started (over-optimization); rejection-sampling SFT on the model's own 
 the slip. The margins hold in seeds 1 and 2 of the README's table (seed 1 is what CI runs); seed 3's weaker SFT
 model is the README's exception."""
 
-import json
-
 import pytest
 
-
-def read_metrics(path):
-    rows = {}
-    for line in open(path):
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
+from conftest import read_metrics
 
 
 @pytest.mark.slow
@@ -32,8 +24,7 @@ def test_pipeline_runs_every_stage_and_reports(demo_pipeline):
     for stage in ("grpo", "ppo"):  # seeds 1, 2: 88.7-93.7% and 55.8-86.5% on carry, from 81.0-82.7% and 0-34.6%
         assert accuracy[stage] >= accuracy["dpo"] + 0.05 and carry[stage] >= carry["dpo"] + 0.25, (stage, accuracy)
     assert results["pair_accuracy"]["reward_model"] >= 0.62  # 66.5-78.0% in seeds 1-3
-    rm_scores = [row["objective/reward_model_score"] for _, row in sorted(read_metrics(out / "ppo_rm" /
-                                                                                       "metrics.jsonl").items())
+    rm_scores = [row["objective/reward_model_score"] for _, row in sorted(read_metrics(out / "ppo_rm").items())
                  if "objective/reward_model_score" in row]
     fifth = len(rm_scores) // 5
     assert sum(rm_scores[-fifth:]) > sum(rm_scores[:fifth]), rm_scores  # the learned reward goes up ...
