@@ -50,6 +50,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from nanopost import tools
 from nanopost.kernels import linear_logprobs
 from nanopost.kernels.packed_attention import packed_attention
 
@@ -129,22 +130,23 @@ class Args:
 # Data: chat-template tokenization with a loss mask on assistant turns
 
 
-def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
+def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where, tool_fns=None):
     """Token ids of the templated conversation and labels that equal the ids on assistant tokens
-    (content + end-of-turn token) and -100 elsewhere. Assistant spans are found by rendering each
-    prefix of the conversation, so any prefix-stable chat template works."""
+    (content, tool calls + end-of-turn token) and -100 elsewhere (tool results too). Assistant spans are found by
+    rendering each prefix of the conversation, so any prefix-stable chat template works. tool_fns: the tools
+    the template shows the model (nanopost.tools)."""
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"{where}: no assistant message, so nothing to learn")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tool_fns, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if i == 0:
             raise InputError(f"{where}: the conversation starts with an assistant message")
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:i], tools=tool_fns, tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tools=tool_fns, tokenize=False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise InputError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
                              "(not prefix-stable), so assistant tokens cannot be located")
@@ -160,10 +162,21 @@ def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
 
 
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len):
-    """Rows {input_ids, labels, n_loss} of a `messages` dataset; a malformed row stops the run with its index."""
+    """Rows {input_ids, labels, n_loss} of a `messages` dataset (and optionally `tools`, the names of the tools
+    the conversation's assistant may call); a malformed row stops the run with its index, and so does the first
+    row with tools or tool calls if the chat template has no tool-call format."""
+    checked = []  # the template, once
 
     def tokenize(row, index):
-        ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, f"{name} row {index}")
+        where, names = f"{name} row {index}", row.get("tools")
+        check_messages(row["messages"], where)
+        if names is not None:
+            check_tool_names(names, f"{where}: `tools`")
+        if (names or any(m.get("tool_calls") for m in row["messages"])) and not checked:
+            check_tool_template(tokenizer, f"{where} has tools")
+            checked.append(True)
+        ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, where,
+                                            [tools.get(n) for n in names or []] or None)
         # the loss at position t predicts token t+1, so the first token never counts
         return {"input_ids": ids, "labels": labels, "n_loss": sum(x != -100 for x in labels[1:])}
 
@@ -531,10 +544,34 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
+
+
+def check_tool_names(names, where):
+    """A list of names of registered tools (nanopost.tools, case-insensitive); InputError names `where`."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InputError(f"{where} must be a list of tool names ({', '.join(tools.names())}), got {names!r:.200}")
+    for name in names:
+        if name.lower() not in tools.names():
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(tools.names())}")
+
+
+def check_tool_template(tokenizer, where):
+    """InputError unless the chat template shows the model its tools and renders calls and results in the format
+    that nanopost.tools parses (tools.check_chat_template); `where`: what asks for tools."""
+    try:
+        tools.check_chat_template(tokenizer)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def load_rows(name, split):
