@@ -1233,34 +1233,33 @@ def check_rl_row(row, where):
         verifiers.get(row["dataset"])("", row["ground_truth"])  # a malformed ground truth raises here
     except (KeyError, ValueError) as e:
         raise InputError(f"{where}: {e.args[0]}") from None
-    if row.get("tools") is not None:
-        check_tool_names(row["tools"], f"{where}: `tools`")
 
 
-def check_tool_names(names, where):
-    """A list of names of registered tools (nanopost.tools, case-insensitive); InputError names `where`."""
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise InputError(f"{where} must be a list of tool names ({', '.join(tools.names())}), got {names!r:.200}")
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
     for name in names:
-        if name.lower() not in tools.names():
-            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(tools.names())}")
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
 
 
 def check_tool_args(args):
     """--tools names registered tools, --max_tool_calls >= 1."""
     if args.tools is not None:
-        check_tool_names(args.tools, "--tools")
+        check_tool_names(args.tools, "--tools", tools.names())
     if args.max_tool_calls < 1:
         raise InputError(f"--max_tool_calls must be >= 1, got {args.max_tool_calls}")
 
 
-def check_tool_template(tokenizer, where):
-    """InputError unless the chat template shows the model its tools and renders calls and results in the format
-    that nanopost.tools parses (tools.check_chat_template); `where`: what asks for tools."""
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
     try:
         tools.check_chat_template(tokenizer)
     except ValueError as e:
-        raise InputError(f"{where}: {e}") from None
+        return str(e)
+    return None
 
 
 def prepare_prompts(name, split, tokenizer, max_prompt_len=None, default_tools=None):
@@ -1269,15 +1268,17 @@ def prepare_prompts(name, split, tokenizer, max_prompt_len=None, default_tools=N
     shows the model), those whose templated prompt fits in max_prompt_len (None: all). default_tools (--tools): the
     tools of the rows that name none. A malformed row stops the run with its index, and so does the first row with
     tools if the chat template has no tool-call format."""
-    checked = []  # the template, once
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes prepare to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}")
+        if row.get("tools") is not None:
+            check_tool_names(row["tools"], f"{name} row {index}: `tools`", list(schemas))
         names = [n.lower() for n in (row["tools"] if row.get("tools") is not None else default_tools or [])]
-        if names and not checked:
-            check_tool_template(tokenizer, f"{name} row {index} has tools")
-            checked.append(True)
-        text = tokenizer.apply_chat_template(row["messages"], tools=[tools.get(n) for n in names] or None,
+        if names and problem:
+            raise InputError(f"{name} row {index} has tools: {problem}")
+        text = tokenizer.apply_chat_template(row["messages"], tools=[schemas[n] for n in names] or None,
                                              tokenize=False, add_generation_prompt=True)
         return {"prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
                 "ground_truth": row["ground_truth"], "verifier": row["dataset"].lower(), "tools": names}

@@ -130,23 +130,24 @@ class Args:
 # Data: chat-template tokenization with a loss mask on assistant turns
 
 
-def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where, tool_fns=None):
+def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where, tool_schemas=None):
     """Token ids of the templated conversation and labels that equal the ids on assistant tokens
     (content, tool calls + end-of-turn token) and -100 elsewhere (tool results too). Assistant spans are found by
-    rendering each prefix of the conversation, so any prefix-stable chat template works. tool_fns: the tools
-    the template shows the model (nanopost.tools)."""
+    rendering each prefix of the conversation, so any prefix-stable chat template works. tool_schemas: the JSON
+    schemas of the tools the template shows the model (nanopost.tools.schema)."""
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"{where}: no assistant message, so nothing to learn")
-    text = tokenizer.apply_chat_template(messages, tools=tool_fns, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tool_schemas, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if i == 0:
             raise InputError(f"{where}: the conversation starts with an assistant message")
-        prompt = tokenizer.apply_chat_template(messages[:i], tools=tool_fns, tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[:i + 1], tools=tool_fns, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:i], tools=tool_schemas, tokenize=False,
+                                               add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tools=tool_schemas, tokenize=False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise InputError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
                              "(not prefix-stable), so assistant tokens cannot be located")
@@ -165,18 +166,18 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len):
     """Rows {input_ids, labels, n_loss} of a `messages` dataset (and optionally `tools`, the names of the tools
     the conversation's assistant may call); a malformed row stops the run with its index, and so does the first
     row with tools or tool calls if the chat template has no tool-call format."""
-    checked = []  # the template, once
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes tokenize to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def tokenize(row, index):
         where, names = f"{name} row {index}", row.get("tools")
         check_messages(row["messages"], where)
         if names is not None:
-            check_tool_names(names, f"{where}: `tools`")
-        if (names or any(m.get("tool_calls") for m in row["messages"])) and not checked:
-            check_tool_template(tokenizer, f"{where} has tools")
-            checked.append(True)
+            check_tool_names(names, f"{where}: `tools`", list(schemas))
+        if problem and (names or any(m.get("tool_calls") for m in row["messages"])):
+            raise InputError(f"{where} has tools: {problem}")
         ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, where,
-                                            [tools.get(n) for n in names or []] or None)
+                                            [schemas[n.lower()] for n in names or []] or None)
         # the loss at position t predicts token t+1, so the first token never counts
         return {"input_ids": ids, "labels": labels, "n_loss": sum(x != -100 for x in labels[1:])}
 
@@ -556,22 +557,23 @@ def check_messages(messages, where):
                              f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
 
 
-def check_tool_names(names, where):
-    """A list of names of registered tools (nanopost.tools, case-insensitive); InputError names `where`."""
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise InputError(f"{where} must be a list of tool names ({', '.join(tools.names())}), got {names!r:.200}")
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
     for name in names:
-        if name.lower() not in tools.names():
-            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(tools.names())}")
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
 
 
-def check_tool_template(tokenizer, where):
-    """InputError unless the chat template shows the model its tools and renders calls and results in the format
-    that nanopost.tools parses (tools.check_chat_template); `where`: what asks for tools."""
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
     try:
         tools.check_chat_template(tokenizer)
     except ValueError as e:
-        raise InputError(f"{where}: {e}") from None
+        return str(e)
+    return None
 
 
 def load_rows(name, split):

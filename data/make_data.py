@@ -25,10 +25,11 @@ Files:
     dpo_eval.jsonl   same format, other samples
     rl_train.jsonl   messages (the prompt) + ground_truth (the true result) + dataset="gsm8k"
     test.jsonl       problems in the RL format: the accuracy benchmark
-    sft_tools_train.jsonl  messages (+ tools): demonstrations where half the rows offer the calculator and
-                     the teacher calls it in TOOL_CALLS of those, then copies its result into the answer;
-                     it answers the others, and the rows without tools, itself (slips included). Drawn
-                     from streams of their own, so the files above do not depend on it
+    sft_tools_train.jsonl  messages (+ tools: the names of the tools a row offers): sft_train.jsonl's
+                     conversations and TOOLS_SIZE tool demonstrations, shuffled. TOOL_ROWS of these offer the
+                     calculator, and in TOOL_CALLS of those the teacher calls it and answers with its
+                     result (`#### 55`); elsewhere it answers itself, slips included. Drawn from streams of
+                     their own (TOOLS_SEED), so the files above do not depend on it
 """
 
 import json
@@ -41,7 +42,8 @@ SLIP = 0.6  # how often the teacher drops a needed carry in a two-digit addition
 SIZES = {"sft_train": 6000, "sft_eval": 200, "dpo_train": 3000, "dpo_eval": 200, "rl_train": 3000, "test": 300}
 TOOLS_SEED = 4321  # the tool demonstrations: their problems and choices; TOOLS_SEED + 1: the teacher's slips
 TOOLS_SIZE = 3000
-TOOL_CALLS = 0.3  # how often the teacher calls the calculator where the row offers it
+TOOL_ROWS = 0.8  # the fraction of tool demonstrations that offer the calculator
+TOOL_CALLS = 0.4  # how often the teacher calls it where the row offers it
 OUT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -104,7 +106,7 @@ def tool_demonstration(rng, teacher):
     the arguments as a JSON string, as Arrow stores them uniformly) and answers with its result; in the others it
     answers itself. Without the calculator, a plain demonstration."""
     expr, answer = sample_problem(rng)
-    if rng.random() < 0.5:
+    if rng.random() >= TOOL_ROWS:
         return {"messages": conversation(expr, teacher_answer(teacher, expr, answer)), "tools": None}
     if rng.random() >= TOOL_CALLS:
         return {"messages": conversation(expr, teacher_answer(teacher, expr, answer)), "tools": ["calculator"]}
@@ -112,7 +114,7 @@ def tool_demonstration(rng, teacher):
     return {"messages": [{"role": "user", "content": prompt_text(expr)},
                          {"role": "assistant", "content": "", "tool_calls": [call]},
                          {"role": "tool", "content": str(answer)},
-                         {"role": "assistant", "content": answer_text(expr, answer)}], "tools": ["calculator"]}
+                         {"role": "assistant", "content": f"#### {answer}"}], "tools": ["calculator"]}
 
 
 def main():
@@ -144,7 +146,8 @@ def main():
                      "ground_truth": str(answer), "dataset": "gsm8k"} for expr, answer in test]
 
     rng, teacher = random.Random(TOOLS_SEED), random.Random(TOOLS_SEED + 1)
-    rows["sft_tools_train"] = [tool_demonstration(rng, teacher) for _ in range(TOOLS_SIZE)]
+    rows["sft_tools_train"] = rows["sft_train"] + [tool_demonstration(rng, teacher) for _ in range(TOOLS_SIZE)]
+    rng.shuffle(rows["sft_tools_train"])
 
     for name, items in rows.items():
         with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:

@@ -251,7 +251,7 @@ def test_template_renders_every_conversation_without_tools_as_before(tokenizer):
     rows = list(conversations())
     test_rows = [json.loads(line)["messages"] for line in (ROOT / "data" / "test.jsonl").open()]
     rows += [([{"role": "system", "content": "Answer briefly."}] + messages, True) for messages in test_rows]
-    assert len(rows) == 6200 + 2 * 3200 + 3300 + 1514 + 300  # 1514: the tool demonstrations' rows without tools
+    assert len(rows) == 6200 + 2 * 3200 + 3300 + 6616 + 300  # 6616: sft_tools_train.jsonl's rows without tools
     for prompt in (False, True):
         batch = [messages for messages, with_prompt in rows if with_prompt == prompt]
         after = tokenizer.apply_chat_template(batch, tokenize=False, add_generation_prompt=prompt)
