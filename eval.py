@@ -26,6 +26,7 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -36,7 +37,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
-from nanopost import verifiers
+from nanopost import tools, verifiers
 from nanopost.verifiers.ifeval import instruction_results
 
 
@@ -56,6 +57,11 @@ class Args:
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache: static (every prompt left-padded to the longest one, a fixed-size cache, the decode step compiled
     once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
+    tools: list[str] | None = None
+    """tools (calculator, python) of the rows that name none in a `tools` column: the model may call them, and its
+    answer is its last turn (README)"""
+    max_tool_calls: int = 4
+    """tool calls per completion: a turn whose calls would pass it ends the completion, its calls not run"""
     output: str | None = None
     """jsonl of every prompt, completion and score (None: runs/eval/<model>__<dataset>.jsonl in the working
     directory, each path's parts joined by "-"); evaluation writes nothing into the model's directory"""
@@ -108,6 +114,7 @@ def check_args(args):
         raise InputError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
     if args.num_samples > 1 and args.temperature <= 0:
         raise InputError("--num_samples > 1 needs --temperature > 0 (greedy gives the same completion)")
+    check_tool_args(args)
     if names_local_path(args.model) and not os.path.isdir(args.model):
         raise InputError(f"--model {args.model}: no such directory"
                          f"{demo_checkpoints_hint(['grpo', 'ppo', 'dpo', 'sft'])}")
@@ -153,8 +160,11 @@ def evaluate(args):
     if device.type == "cpu":
         cpu_threads()
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer, prompt_only=bool(args.reward_model))[
-        :args.max_rows]
+    rows = prepare_prompts(args.dataset, args.dataset_split, tokenizer, prompt_only=bool(args.reward_model),
+                           default_tools=args.tools)[:args.max_rows]
+    if (args.sft_output or args.pairs_output) and any(row["tools"] for row in rows):
+        raise InputError("--sft_output and --pairs_output write single-turn completions as training rows: rows with "
+                         "tools (--tools or a `tools` column) are not supported there")
     dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else torch.float32
     model = load_model(args.model, dtype, device)
@@ -170,12 +180,12 @@ def evaluate(args):
     records = []
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
-        prompts = [rows[i]["prompt_ids"] for i in batch for _ in range(args.num_samples)]
-        completions, ended, _ = sample(model, prompts, pad_id, stop_ids, args.max_completion_len, args.temperature,
-                                       args.top_p, width)
+        completions = sample_turns(model, [rows[i] for i in batch for _ in range(args.num_samples)], tokenizer, pad_id,
+                                   stop_ids, args.max_completion_len, args.temperature, args.top_p, width,
+                                   args.max_tool_calls)
         for k, i in enumerate(batch):
-            mine_k = range(k * args.num_samples, (k + 1) * args.num_samples)
-            records.append(score(i, rows[i], tokenizer, [completions[j] for j in mine_k], [ended[j] for j in mine_k]))
+            records.append(score(i, rows[i], tokenizer, completions, range(k * args.num_samples,
+                                                                            (k + 1) * args.num_samples)))
     if args.reward_model:
         score_with_reward_model(args.reward_model, records, dtype, device, args.batch_size)
     if distributed:
@@ -185,18 +195,26 @@ def evaluate(args):
     return summarize(records, args.num_samples), records
 
 
-def score(index, row, tokenizer, completions, ended):
-    """The record of one row: its completions, whether each ended (else it was cut at
-    --max_completion_len) and its length in tokens, their verifier's scores (None for a row without a
-    verifier) and, for IFEval rows, each instruction's outcome in IFEval's strict and loose modes."""
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    scores = [verifiers.get(row["verifier"])(t, row["ground_truth"]) for t in texts] if row["verifier"] else None
+def score(index, row, tokenizer, completions, samples):
+    """The record of one row from its completions (samples: their indices in the Completions): the completions
+    (tool calls and results included), whether each ended (else it was cut at --max_completion_len), the tokens
+    the model wrote, their verifier's scores (of each answer, the last turn; None for a row without a verifier)
+    and, for IFEval rows, each instruction's outcome in IFEval's strict and loose modes; for a row with tools,
+    each completion's TOOL_COLUMNS."""
+    texts = [tokenizer.decode(completions.ids[j], skip_special_tokens=True) for j in samples]
+    answers = [tokenizer.decode(completions.ids[j][completions.answer_start[j]:], skip_special_tokens=True)
+               for j in samples]
+    scores = [verifiers.get(row["verifier"])(answer, row["ground_truth"]) for answer in answers] \
+        if row["verifier"] else None
     record = {"index": index, "prompt": tokenizer.decode(row["prompt_ids"]), "messages": row["messages"],
-              "completions": texts, "ended": ended, "num_tokens": [len(c) for c in completions], "scores": scores,
+              "completions": texts, "ended": [completions.ended[j] for j in samples],
+              "num_tokens": [sum(completions.sampled[j]) for j in samples], "scores": scores,
               "ground_truth": row["ground_truth"], "dataset": row["verifier"]}
     if row["verifier"] == "ifeval":
-        record["followed"] = [{mode: instruction_results(t, row["ground_truth"], loose=mode == "loose")
-                               for mode in ("strict", "loose")} for t in texts]
+        record["followed"] = [{mode: instruction_results(answer, row["ground_truth"], loose=mode == "loose")
+                               for mode in ("strict", "loose")} for answer in answers]
+    if row["tools"]:
+        record |= {name: [completions.tool_columns[name][j].item() for j in samples] for name in TOOL_COLUMNS}
     return record
 
 
@@ -217,7 +235,8 @@ def ifeval_accuracies(records):
 def summarize(records, num_samples):
     """Mean score (pass@1) overall and per verifier over the rows that have one, IFEval's prompt- and
     instruction-level accuracies, pass@k for k in 1, 2, 4, ... <= n, the fraction of completions that ended
-    (rather than being cut at --max_completion_len) and their mean length, and a reward model's mean score."""
+    (rather than being cut at --max_completion_len) and their mean length, a reward model's mean score, and with
+    tools TRL's tools/*."""
     verified = [r for r in records if r["scores"] is not None]
     by_verifier = defaultdict(list)
     for r in verified:
@@ -232,6 +251,7 @@ def summarize(records, num_samples):
     for name, group in sorted(by_verifier.items()):
         summary[f"accuracy/{name}"] = sum(sum(r["scores"]) / num_samples for r in group) / len(group)
     summary.update(ifeval_accuracies(verified))
+    summary.update(tool_metrics({name: sum(x for r in records for x in r.get(name, [])) for name in TOOL_COLUMNS}))
     k = 2
     while k <= num_samples:
         summary[f"pass@{k}"] = sum(pass_at_k(num_samples, sum(s == 1.0 for s in r["scores"]), k)
@@ -372,10 +392,16 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
 
 
 def load_rows(name, split):
@@ -501,17 +527,58 @@ def check_rl_row(row, where, verified=True):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
-    """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
+    for name in names:
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
+
+
+def check_tool_args(args):
+    """--tools names registered tools, --max_tool_calls >= 1."""
+    if args.tools is not None:
+        check_tool_names(args.tools, "--tools", tools.names())
+    if args.max_tool_calls < 1:
+        raise InputError(f"--max_tool_calls must be >= 1, got {args.max_tool_calls}")
+
+
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
+    try:
+        tools.check_chat_template(tokenizer)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False, default_tools=None):
+    """Rows {messages, prompt_ids, ground_truth, verifier, tools} of an RL dataset (`messages`: the prompt,
     `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
-    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
-    the run with its index."""
+    them: verifier ""; optionally `tools`, the names of the tools the row may call, which the chat template shows
+    the model), those whose templated prompt fits in max_prompt_len (None: all). default_tools (--tools): the tools
+    of the rows that name none. A malformed row stops the run with its index, and so does the first row with tools
+    if the chat template has no tool-call format or a reward model scores the run."""
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes prepare to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        if row.get("tools") is not None:
+            check_tool_names(row["tools"], f"{name} row {index}: `tools`", list(schemas))
+        names = [n.lower() for n in (row["tools"] if row.get("tools") is not None else default_tools or [])]
+        if names and problem:
+            raise InputError(f"{name} row {index} has tools: {problem}")
+        if names and prompt_only:
+            raise InputError(f"{name} row {index} has tools, and a reward model scores one assistant turn, not a "
+                             "conversation with tool calls: use tools with verifiers only")
+        text = tokenizer.apply_chat_template(row["messages"], tools=[schemas[n] for n in names] or None,
+                                             tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower(),
+                "tools": names}
 
     return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
@@ -608,6 +675,109 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
         ended.append(end is not None)
         completion_logprobs.append(logprobs[b][:end] if sampler else None)
     return completions, ended, completion_logprobs if sampler else None
+
+
+# per completion: its row has tools; the calls run, and failed; 1 if it ended at --max_tool_calls; the calls' seconds;
+# the tokens their results inserted
+TOOL_COLUMNS = ("tool_offered", "tool_calls", "tool_failures", "tool_limit", "tool_seconds", "tool_tokens")
+
+
+@dataclass
+class Completions:
+    """sample_turns' completions of a batch of prompts: one entry per prompt in each list."""
+
+    ids: list
+    """every token after the prompt: the model's turns and, between them, what the tools' results inserted (the
+    tool messages and the header of the model's next turn, as the chat template renders them)"""
+    sampled: list
+    """a bool per token of ids: whether the model sampled it (only these have loss, advantage and log-probs)"""
+    logprobs: list | None
+    """when sampling, the log-prob each sampled token was drawn with (sample()), in order; None when greedy"""
+    ended: list
+    """whether it ended with its stop token: an answer, or a turn whose calls would pass max_tool_calls; else it was
+    cut at max_new_tokens (also when a tool's results left no room for a next turn)"""
+    answer_start: list
+    """where its last model turn, the answer that verifiers score, begins in ids"""
+    tool_columns: dict
+    """{name: [n] float64} for each of TOOL_COLUMNS"""
+    tool_seconds: float
+    """wall-clock time spent running tools"""
+
+    def answers(self):
+        return [ids[start:] for ids, start in zip(self.ids, self.answer_start)]
+
+
+@torch.no_grad()
+def sample_turns(generator, rows, tokenizer, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None,
+                 max_tool_calls=1):
+    """Completions (a Completions) of rows (their prompt_ids, and the names of the tools each may call), in rounds of
+    sample(): where a turn ends (its stop token) with calls of its row's tools (nanopost.tools' format), the calls
+    run, all of a round's at once, their results are appended (tools.tool_response_ids) and the completion goes on
+    in the next round, sampled from its prompt and everything after it. It ends with a turn without calls, with a
+    turn whose calls would make more than max_tool_calls in all (they do not run), or when max_new_tokens, which
+    counts every token after the prompt, tool results included, runs out. The first round is sample() of the
+    prompts as given (rows without tools end there); later rounds sample the completions still going with a
+    dynamic cache (a static one would recompile for each round's number of them)."""
+    n = len(rows)
+    ids, sampled, ended, answer_start = [[] for _ in rows], [[] for _ in rows], [False] * n, [0] * n
+    logprobs = [[] for _ in rows] if temperature > 0 else None
+    columns = {name: [0.0] * n for name in TOOL_COLUMNS}
+    columns["tool_offered"] = [float(bool(row["tools"])) for row in rows]
+    going, seconds, round_width = list(range(n)), 0.0, width
+    while going:
+        budgets = [max_new_tokens - len(ids[b]) for b in going]
+        turns, stopped, turn_logprobs = sample(generator, [rows[b]["prompt_ids"] + ids[b] for b in going], pad_id,
+                                               stop_ids, max(budgets), temperature, top_p, round_width)
+        calls, round_width = {}, None
+        for k, b in enumerate(going):
+            turn = turns[k][:budgets[k]]
+            answer_start[b], ended[b] = len(ids[b]), stopped[k] and len(turns[k]) <= budgets[k]
+            ids[b] += turn
+            sampled[b] += [True] * len(turn)
+            if logprobs is not None:
+                logprobs[b] += turn_logprobs[k][:len(turn)]
+            found = tools.parse_tool_calls(tokenizer.decode(turn[:-1])) if ended[b] and rows[b]["tools"] else []
+            if columns["tool_calls"][b] + len(found) > max_tool_calls:
+                columns["tool_limit"][b] = 1.0
+            elif found:
+                calls[b] = found
+        jobs = [(b, call) for b, found in calls.items() for call in found]
+        if jobs:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:  # they wait on tools, not on the GIL
+                results = iter(list(pool.map(lambda job: tools.run_tool_call(job[1], allowed=rows[job[0]]["tools"]),
+                                             jobs)))
+            seconds += time.perf_counter() - t0
+        going = []
+        for b, found in calls.items():
+            done = [next(results) for _ in found]
+            columns["tool_calls"][b] += len(done)
+            columns["tool_failures"][b] += sum(not result.ok for result in done)
+            columns["tool_seconds"][b] += sum(result.seconds for result in done)
+            inserted = tools.tool_response_ids(tokenizer, [result.content for result in done])
+            if len(ids[b]) + len(inserted) < max_new_tokens:  # room for the results and a next turn
+                ids[b] += inserted
+                sampled[b] += [False] * len(inserted)
+                columns["tool_tokens"][b] += len(inserted)
+                going.append(b)
+            else:
+                ended[b] = False
+    return Completions(ids, sampled, logprobs, ended, answer_start,
+                       {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}, seconds)
+
+
+def tool_metrics(sums, seconds=None):
+    """TRL's tools/* metrics from the sums of TOOL_COLUMNS over a batch's completions ({} when no row had tools):
+    calls per completion of a row with tools, the fraction of calls that failed, of those completions that ended
+    at --max_tool_calls, and seconds per call; with `seconds`, the wall-clock time spent running tools."""
+    sums = {name: float(sums[name]) for name in TOOL_COLUMNS}
+    if not sums["tool_offered"]:
+        return {}
+    metrics = {"tools/call_frequency": sums["tool_calls"] / sums["tool_offered"],
+               "tools/failure_frequency": sums["tool_failures"] / max(sums["tool_calls"], 1),
+               "tools/loop_exhausted_frac": sums["tool_limit"] / sums["tool_offered"],
+               "tools/latency_s": sums["tool_seconds"] / max(sums["tool_calls"], 1)}
+    return metrics | ({"perf/time_tools": seconds} if seconds is not None else {})
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import socket
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
@@ -64,7 +65,7 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.utils import logging as transformers_logging
 
-from nanopost import verifiers
+from nanopost import tools, verifiers
 from nanopost.kernels import linear_logprobs
 from nanopost.kernels.packed_attention import packed_attention
 
@@ -126,6 +127,10 @@ class Args:
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache for sampling: static (prompts left-padded to --max_prompt_len, a fixed-size cache, the decode step
     compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
+    tools: list[str] | None = None
+    """tools (calculator, python) of the rows that name none in a `tools` column: multi-turn rollouts (README)"""
+    max_tool_calls: int = 4
+    """tool calls per completion: a turn whose calls would pass it ends the completion, its calls not run"""
 
     # common flags: the same names, in the same order, in every script
     model: str = "runs/pipeline/dpo/final"
@@ -311,40 +316,39 @@ class PolicyLogprobs(torch.nn.Module):
                                temperature=temperature, with_entropy=with_entropy)
 
 
-def score_completions(rows, completions, ended, tokenizer, reward_model, args, device):
-    """Named scores, one value per completion (of its row): `verifier` (the row's verifier, in [0, 1]; NaN for a
-    row without one), `length` (its tokens), `truncated` (1 if cut at --max_completion_len before its
-    end-of-turn token); with --format_reward `format` (the format verifier), and with --reward_model
-    `reward_model` (its score of the prompt and the completion as the assistant's turn)."""
-    texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
+def score_completions(rows, completions, tokenizer, reward_model, args, device):
+    """Named scores per completion (Completions) of its row: `verifier` (its answer, the last turn, by the row's
+    verifier, in [0, 1]; NaN for a row without one), `length` (tokens the model sampled), `truncated` (1 if cut at
+    --max_completion_len), the tool columns; `format` with --format_reward, `reward_model` with --reward_model."""
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer in completions.answers()]
     scores = {"verifier": [verifiers.get(row["verifier"])(text, row["ground_truth"]) if row["verifier"] else math.nan
                            for row, text in zip(rows, texts)],
-              "length": [len(completion) for completion in completions],
-              "truncated": [float(not stopped) for stopped in ended]}
+              "length": [sum(sampled) for sampled in completions.sampled],
+              "truncated": [float(not stopped) for stopped in completions.ended]}
     if args.format_reward:
         scores["format"] = [verifiers.get("format")(text, "") for text in texts]
     scores = {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
     if reward_model is not None:
         scores["reward_model"] = reward_model_scores(reward_model, [row["messages"] + [
             {"role": "assistant", "content": text}] for row, text in zip(rows, texts)], args, device)
-    return scores
+    return scores | completions.tool_columns
 
 
 def micro_batch(sequences, packed, pad_id):
-    """The model inputs (see collate) of (prompt_ids, completion_ids, has_loss) triples: the targets are
-    the completion tokens, or nothing for a completion without loss."""
-    return collate([(prompt + completion, [-100] * (len(prompt) - 1) + completion + [-100] if has_loss else
-                     [-100] * (len(prompt) + len(completion))) for prompt, completion, has_loss in sequences],
-                   packed, pad_id)
+    """The model inputs (see collate) of (prompt_ids, completion_ids, loss_mask) triples: the targets are the
+    completion tokens where loss_mask (a bool per token) holds: those the model sampled, none without loss."""
+    return collate([(prompt + completion, [-100] * (len(prompt) - 1) + [token if loss else -100 for token, loss in
+                                                                         zip(completion, loss_mask)] + [-100])
+                    for prompt, completion, loss_mask in sequences], packed, pad_id)
 
 
-def training_micro_batches(args, device, pad_id, prompts, completions, sampler_logps, kept, has_loss, advantages,
-                           loss_weights):
-    """This rank's kept completions, longest first, in micro-batches (rank_micro_batches; completions that are not
-    kept fill in, without loss, where this rank has too few), each with its loss tokens' advantages, loss
-    weights and sampler log-probs in the order the policy returns their log-probs. Every argument after
-    sampler_logps holds one value per completion of this rank."""
-    size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
+def training_micro_batches(args, device, pad_id, prompts, completions, kept, has_loss, advantages, loss_weights):
+    """This rank's kept completions (Completions), longest first, in micro-batches (rank_micro_batches; completions
+    that are not kept fill in, without loss, where this rank has too few), each with its loss tokens' advantages,
+    loss weights and sampler log-probs in the order the policy returns their log-probs: the loss tokens are those
+    the model sampled, tool results are context. Every argument after completions holds one value per completion of
+    this rank."""
+    size = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions.ids)]
     mine = sorted((j for j in range(len(prompts)) if kept[j]), key=lambda j: -size[j])
 
     def tokens(chunk):  # what a forward of these completions processes: their tokens, or rows x longest (padded)
@@ -353,13 +357,14 @@ def training_micro_batches(args, device, pad_id, prompts, completions, sampler_l
     micro_batches = []
     for chunk in rank_micro_batches(mine, tokens, args.per_device_batch_size, args.max_tokens_per_micro_batch, device,
                                     fillers=[j for j in range(len(prompts)) if not kept[j]]):
-        lengths = torch.tensor([len(completions[j]) if has_loss[j] else 0 for j in chunk])
+        lengths = torch.tensor([sum(completions.sampled[j]) if has_loss[j] else 0 for j in chunk])
         micro_batches.append({
-            "batch": micro_batch([(prompts[j], completions[j], bool(has_loss[j])) for j in chunk], args.padding_free,
-                                 pad_id),
+            "batch": micro_batch([(prompts[j], completions.ids[j], [bool(has_loss[j]) and s for s in
+                                                                    completions.sampled[j]]) for j in chunk],
+                                 args.padding_free, pad_id),
             "advantages": advantages[chunk].repeat_interleave(lengths).float(),
             "loss_weights": loss_weights[chunk].repeat_interleave(lengths), "lengths": lengths,
-            "sampler_logp": torch.tensor([x for j in chunk if has_loss[j] for x in sampler_logps[j]])})
+            "sampler_logp": torch.tensor([x for j in chunk if has_loss[j] for x in completions.logprobs[j]])})
     return micro_batches
 
 
@@ -372,13 +377,13 @@ def make_rollout(args, run, index, model, reference, reward_model, generator, tr
     indices = global_batch(index, len(train), prompts_per_rank * run.world, args.seed)
     rows = [train[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank] for _ in range(G)]
     prompts = [row["prompt_ids"] for row in rows]
-    completions, ended, sampler_logps = sample(
-        generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature, args.top_p,
-        args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
+    completions = sample_turns(  # where rows have tools: the model's turns, and the tools' results between them
+        generator, rows, tokenizer, pad_id, [eot_id], args.max_completion_len, args.temperature, args.top_p,
+        args.max_prompt_len if static_cache(args.generation_cache, run.device) else None, args.max_tool_calls)
     t_generation = time.perf_counter() - t0
 
     # every rank's scores, so that groups, batch statistics and the loss normalization see the global batch
-    scores = all_gather_columns(score_completions(rows, completions, ended, tokenizer, reward_model, args, run.device),
+    scores = all_gather_columns(score_completions(rows, completions, tokenizer, reward_model, args, run.device),
                                 run.device)
     rewards = completion_rewards(scores, args)
     advantages, zero_std = group_advantages(rewards, G, args.scale_rewards)
@@ -391,8 +396,8 @@ def make_rollout(args, run, index, model, reference, reward_model, generator, tr
                                  total_loss_tokens=int(n_loss_tokens.sum()), max_completion_len=args.max_completion_len)
 
     mine = slice(run.rank * len(prompts), (run.rank + 1) * len(prompts))
-    micro_batches = training_micro_batches(args, run.device, pad_id, prompts, completions, sampler_logps,
-                                           kept=kept[mine], has_loss=has_loss[mine], advantages=advantages[mine],
+    micro_batches = training_micro_batches(args, run.device, pad_id, prompts, completions, kept=kept[mine],
+                                           has_loss=has_loss[mine], advantages=advantages[mine],
                                            loss_weights=loss_weights[mine])
     with torch.no_grad():
         for mb in micro_batches:
@@ -404,10 +409,11 @@ def make_rollout(args, run, index, model, reference, reward_model, generator, tr
 
     metrics = rollout_metrics(scores, rewards, zero_std, [train[i]["verifier"] for i in indices for _ in range(G)],
                               t_generation)
+    metrics |= tool_metrics({name: scores[name].sum() for name in TOOL_COLUMNS}, completions.tool_seconds)
     prompt_lengths = torch.tensor([len(train[i]["prompt_ids"]) for i in indices]).repeat_interleave(G)
     return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(kept.sum()),
             # the prompt and completion tokens that the training forwards process, for throughput
-            "tokens_processed": int(((prompt_lengths + scores["length"]) * kept).sum())}
+            "tokens_processed": int(((prompt_lengths + scores["length"] + scores["tool_tokens"]) * kept).sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +439,7 @@ def check_args(args):
                       positive=["temperature"], models=["reward_model"], demo_stages=["dpo", "sft"])
     if args.reward_model:
         check_reward_model(args.reward_model)
+    check_tool_args(args)
     if args.top_p < 1 and args.sampler_correction.startswith("sequence") and os.environ.get("RANK", "0") == "0":
         print(f"WARNING: --top_p {args.top_p} with --sampler_correction {args.sampler_correction}: the sampler draws "
               "from the renormalized nucleus, so every token's weight exp(trainer - sampler) is below 1 and a "
@@ -444,15 +451,16 @@ def main(args):
     check_args(args)
     run = Run(args, "grpo")
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model))
-    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len) if args.eval_dataset else None
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model),
+                            args.tools)
+    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len, default_tools=args.tools) \
+        if args.eval_dataset else None
     prompts_per_step = args.per_device_batch_size * args.grad_accum_steps // args.num_generations * run.world
     total_steps = run.total_steps(len(train), prompts_per_step, "prompts", args.num_iterations)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
-    # a frozen reference, its parameters stored in the compute dtype (FSDP would cast them to it in every forward
-    # anyway); the policy, built after it so that rank 0 frees its whole model while filling it in; a frozen reward
-    # model, also in the compute dtype; a whole copy of the policy on each rank, which samples
+    # a frozen reference and reward model, stored in the compute dtype (FSDP would cast them to it anyway); the policy,
+    # built after the reference so that rank 0 frees its whole model while filling it in; a whole copy that samples
     full = load_full(args.model, args.attn_implementation, run, model_config(args.model, dropout=False))
     reference = run.build(PolicyLogprobs, args.model, full, run.compute_dtype, dropout=False,
                           free_full=False).eval().requires_grad_(False) if args.beta > 0 else None
@@ -868,10 +876,16 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
 
 
 def load_rows(name, split):
@@ -1491,17 +1505,58 @@ def check_rl_row(row, where, verified=True):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
-    """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
+    for name in names:
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
+
+
+def check_tool_args(args):
+    """--tools names registered tools, --max_tool_calls >= 1."""
+    if args.tools is not None:
+        check_tool_names(args.tools, "--tools", tools.names())
+    if args.max_tool_calls < 1:
+        raise InputError(f"--max_tool_calls must be >= 1, got {args.max_tool_calls}")
+
+
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
+    try:
+        tools.check_chat_template(tokenizer)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False, default_tools=None):
+    """Rows {messages, prompt_ids, ground_truth, verifier, tools} of an RL dataset (`messages`: the prompt,
     `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
-    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
-    the run with its index."""
+    them: verifier ""; optionally `tools`, the names of the tools the row may call, which the chat template shows
+    the model), those whose templated prompt fits in max_prompt_len (None: all). default_tools (--tools): the tools
+    of the rows that name none. A malformed row stops the run with its index, and so does the first row with tools
+    if the chat template has no tool-call format or a reward model scores the run."""
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes prepare to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        if row.get("tools") is not None:
+            check_tool_names(row["tools"], f"{name} row {index}: `tools`", list(schemas))
+        names = [n.lower() for n in (row["tools"] if row.get("tools") is not None else default_tools or [])]
+        if names and problem:
+            raise InputError(f"{name} row {index} has tools: {problem}")
+        if names and prompt_only:
+            raise InputError(f"{name} row {index} has tools, and a reward model scores one assistant turn, not a "
+                             "conversation with tool calls: use tools with verifiers only")
+        text = tokenizer.apply_chat_template(row["messages"], tools=[schemas[n] for n in names] or None,
+                                             tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower(),
+                "tools": names}
 
     return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
@@ -1626,17 +1681,120 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     return completions, ended, completion_logprobs if sampler else None
 
 
+# per completion: its row has tools; the calls run, and failed; 1 if it ended at --max_tool_calls; the calls' seconds;
+# the tokens their results inserted
+TOOL_COLUMNS = ("tool_offered", "tool_calls", "tool_failures", "tool_limit", "tool_seconds", "tool_tokens")
+
+
+@dataclass
+class Completions:
+    """sample_turns' completions of a batch of prompts: one entry per prompt in each list."""
+
+    ids: list
+    """every token after the prompt: the model's turns and, between them, what the tools' results inserted (the
+    tool messages and the header of the model's next turn, as the chat template renders them)"""
+    sampled: list
+    """a bool per token of ids: whether the model sampled it (only these have loss, advantage and log-probs)"""
+    logprobs: list | None
+    """when sampling, the log-prob each sampled token was drawn with (sample()), in order; None when greedy"""
+    ended: list
+    """whether it ended with its stop token: an answer, or a turn whose calls would pass max_tool_calls; else it was
+    cut at max_new_tokens (also when a tool's results left no room for a next turn)"""
+    answer_start: list
+    """where its last model turn, the answer that verifiers score, begins in ids"""
+    tool_columns: dict
+    """{name: [n] float64} for each of TOOL_COLUMNS"""
+    tool_seconds: float
+    """wall-clock time spent running tools"""
+
+    def answers(self):
+        return [ids[start:] for ids, start in zip(self.ids, self.answer_start)]
+
+
+@torch.no_grad()
+def sample_turns(generator, rows, tokenizer, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None,
+                 max_tool_calls=1):
+    """Completions (a Completions) of rows (their prompt_ids, and the names of the tools each may call), in rounds of
+    sample(): where a turn ends (its stop token) with calls of its row's tools (nanopost.tools' format), the calls
+    run, all of a round's at once, their results are appended (tools.tool_response_ids) and the completion goes on
+    in the next round, sampled from its prompt and everything after it. It ends with a turn without calls, with a
+    turn whose calls would make more than max_tool_calls in all (they do not run), or when max_new_tokens, which
+    counts every token after the prompt, tool results included, runs out. The first round is sample() of the
+    prompts as given (rows without tools end there); later rounds sample the completions still going with a
+    dynamic cache (a static one would recompile for each round's number of them)."""
+    n = len(rows)
+    ids, sampled, ended, answer_start = [[] for _ in rows], [[] for _ in rows], [False] * n, [0] * n
+    logprobs = [[] for _ in rows] if temperature > 0 else None
+    columns = {name: [0.0] * n for name in TOOL_COLUMNS}
+    columns["tool_offered"] = [float(bool(row["tools"])) for row in rows]
+    going, seconds, round_width = list(range(n)), 0.0, width
+    while going:
+        budgets = [max_new_tokens - len(ids[b]) for b in going]
+        turns, stopped, turn_logprobs = sample(generator, [rows[b]["prompt_ids"] + ids[b] for b in going], pad_id,
+                                               stop_ids, max(budgets), temperature, top_p, round_width)
+        calls, round_width = {}, None
+        for k, b in enumerate(going):
+            turn = turns[k][:budgets[k]]
+            answer_start[b], ended[b] = len(ids[b]), stopped[k] and len(turns[k]) <= budgets[k]
+            ids[b] += turn
+            sampled[b] += [True] * len(turn)
+            if logprobs is not None:
+                logprobs[b] += turn_logprobs[k][:len(turn)]
+            found = tools.parse_tool_calls(tokenizer.decode(turn[:-1])) if ended[b] and rows[b]["tools"] else []
+            if columns["tool_calls"][b] + len(found) > max_tool_calls:
+                columns["tool_limit"][b] = 1.0
+            elif found:
+                calls[b] = found
+        jobs = [(b, call) for b, found in calls.items() for call in found]
+        if jobs:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:  # they wait on tools, not on the GIL
+                results = iter(list(pool.map(lambda job: tools.run_tool_call(job[1], allowed=rows[job[0]]["tools"]),
+                                             jobs)))
+            seconds += time.perf_counter() - t0
+        going = []
+        for b, found in calls.items():
+            done = [next(results) for _ in found]
+            columns["tool_calls"][b] += len(done)
+            columns["tool_failures"][b] += sum(not result.ok for result in done)
+            columns["tool_seconds"][b] += sum(result.seconds for result in done)
+            inserted = tools.tool_response_ids(tokenizer, [result.content for result in done])
+            if len(ids[b]) + len(inserted) < max_new_tokens:  # room for the results and a next turn
+                ids[b] += inserted
+                sampled[b] += [False] * len(inserted)
+                columns["tool_tokens"][b] += len(inserted)
+                going.append(b)
+            else:
+                ended[b] = False
+    return Completions(ids, sampled, logprobs, ended, answer_start,
+                       {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}, seconds)
+
+
+def tool_metrics(sums, seconds=None):
+    """TRL's tools/* metrics from the sums of TOOL_COLUMNS over a batch's completions ({} when no row had tools):
+    calls per completion of a row with tools, the fraction of calls that failed, of those completions that ended
+    at --max_tool_calls, and seconds per call; with `seconds`, the wall-clock time spent running tools."""
+    sums = {name: float(sums[name]) for name in TOOL_COLUMNS}
+    if not sums["tool_offered"]:
+        return {}
+    metrics = {"tools/call_frequency": sums["tool_calls"] / sums["tool_offered"],
+               "tools/failure_frequency": sums["tool_failures"] / max(sums["tool_calls"], 1),
+               "tools/loop_exhausted_frac": sums["tool_limit"] / sums["tool_offered"],
+               "tools/latency_s": sums["tool_seconds"] / max(sums["tool_calls"], 1)}
+    return metrics | ({"perf/time_tools": seconds} if seconds is not None else {})
+
+
 def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch_size):
-    """Mean verifier score of greedy completions of rows; each rank takes every world-th row."""
+    """Mean verifier score of greedy completions of rows (with their tools); each rank takes every world-th row."""
     score = torch.zeros(2, dtype=torch.float64, device=run.device)
     mine = rows[run.rank::run.world]
     width = args.max_prompt_len if static_cache(args.generation_cache, run.device) else None
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        completions, _, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id],
-                                   args.max_completion_len, width=width)
-        for row, completion in zip(chunk, completions):
-            text = tokenizer.decode(completion, skip_special_tokens=True)
+        completions = sample_turns(generator, chunk, tokenizer, pad_id, [eot_id], args.max_completion_len, width=width,
+                                   max_tool_calls=args.max_tool_calls)
+        for row, answer in zip(chunk, completions.answers()):
+            text = tokenizer.decode(answer, skip_special_tokens=True)
             score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
         score[1] += len(chunk)
     dist.all_reduce(score)

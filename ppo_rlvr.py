@@ -60,6 +60,7 @@ import socket
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
@@ -78,7 +79,7 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.utils import logging as transformers_logging
 
-from nanopost import verifiers
+from nanopost import tools, verifiers
 from nanopost.kernels import linear_logprobs
 from nanopost.kernels.packed_attention import packed_attention
 
@@ -142,6 +143,10 @@ class Args:
     compiled once on CUDA) or dynamic (grows with each token). auto = static on CUDA, dynamic elsewhere"""
     eval_batch_size: int = 64
     """prompts per greedy generation call in eval"""
+    tools: list[str] | None = None
+    """tools (calculator, python) of the rows that name none in a `tools` column: multi-turn rollouts (README)"""
+    max_tool_calls: int = 4
+    """tool calls per completion: a turn whose calls would pass it ends the completion, its calls not run"""
 
     # common flags: the same names, in the same order, in every script
     model: str = "runs/pipeline/dpo/final"
@@ -410,12 +415,13 @@ def make_rollout(args, run, index, policy, reference, value_model, reward_model,
     indices = global_batch(index, len(train), local_batch * run.world, args.seed)
     rows = [train[i] for i in indices[run.rank * local_batch:(run.rank + 1) * local_batch]]
     prompts = [r["prompt_ids"] for r in rows]
-    completions, ended, sampler_logps = sample(
-        generator, prompts, pad_id, [eot_id], args.max_completion_len, args.temperature,
-        width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None)
+    completions = sample_turns(  # where rows have tools: the model's turns, and the tools' results between them
+        generator, rows, tokenizer, pad_id, [eot_id], args.max_completion_len, args.temperature,
+        width=args.max_prompt_len if static_cache(args.generation_cache, run.device) else None,
+        max_tool_calls=args.max_tool_calls)
     t_generation = time.perf_counter() - t0
-    ended = torch.tensor(ended, device=run.device)
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    ended = torch.tensor(completions.ended, device=run.device)
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer in completions.answers()]  # the last turn
     verified = torch.tensor([verifiers.get(r["verifier"])(text, r["ground_truth"]) if r["verifier"] else math.nan
                              for r, text in zip(rows, texts)], device=run.device)
     conversations = [r["messages"] + [{"role": "assistant", "content": text}] for r, text in zip(rows, texts)]
@@ -423,13 +429,16 @@ def make_rollout(args, run, index, policy, reference, value_model, reward_model,
         run.device, torch.float32)
     scores = completion_scores(verified, learned, ended, args)
 
-    # the completions laid out [B, R] (R: the longest), with the log-probs the generation copy drew them with
-    mask = torch.zeros(len(rows), max(map(len, completions)), dtype=torch.bool, device=run.device)
+    # the tokens the model sampled laid out [B, R] (R: the most), with the log-probs the generation copy drew them
+    # with; the tools' results between them are context (no loss, value, reward or KL)
+    lengths = [sum(sampled) for sampled in completions.sampled]
+    mask = torch.zeros(len(rows), max(lengths), dtype=torch.bool, device=run.device)
     sampler_logp = torch.zeros(mask.shape, device=run.device)
-    for b, completion in enumerate(completions):
-        mask[b, :len(completion)] = True
-        sampler_logp[b, :len(completion)] = torch.tensor(sampler_logps[b])
-    sequences = [(p + c, [-100] * (len(p) - 1) + c + [-100]) for p, c in zip(prompts, completions)]
+    for b, length in enumerate(lengths):
+        mask[b, :length] = True
+        sampler_logp[b, :length] = torch.tensor(completions.logprobs[b])
+    sequences = [(p + c, [-100] * (len(p) - 1) + [t if model_token else -100 for t, model_token in zip(c, sampled)] +
+                  [-100]) for p, c, sampled in zip(prompts, completions.ids, completions.sampled)]
     old_logp, entropy, ref_logp, old_values = rollout_forwards(args, policy, reference, value_model, sequences, mask,
                                                                pad_id)
     maskf = mask.float()
@@ -449,6 +458,7 @@ def make_rollout(args, run, index, policy, reference, value_model, reward_model,
                verified=verified.nan_to_num().sum(), verifiable=(~verified.isnan()).sum(), ended=ended.sum(),
                completion_tokens=maskf.sum(), entropy=(entropy * maskf).sum(),
                tokens=sum(len(ids) for ids, _ in sequences))
+    totals.add(**{name: completions.tool_columns[name].sum() for name in TOOL_COLUMNS})
     if learned is not None:
         totals.add(reward_model_score=learned.sum())
     totals.max(score_max=scores.max())
@@ -458,7 +468,7 @@ def make_rollout(args, run, index, policy, reference, value_model, reward_model,
                      sequence_level=args.sampler_correction.startswith("sequence"))
     return {"sequences": sequences, "mask": mask, "old_logp": old_logp, "old_values": old_values,
             "advantages": advantages, "returns": returns, "correction": correction, "totals": totals,
-            "t_generation": t_generation}
+            "t_generation": t_generation, "t_tools": completions.tool_seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,14 +489,17 @@ def check_args(args):
                       models=["value_model", "reward_model"], demo_stages=["dpo", "sft"])
     if args.reward_model:
         check_reward_model(args.reward_model)
+    check_tool_args(args)
 
 
 def main(args):
     check_args(args)
     run = Run(args, "ppo")
     tokenizer, _, eot_id, pad_id = load_tokenizer(args.model)
-    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model))
-    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len) if args.eval_dataset else None
+    train = prepare_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_len, bool(args.reward_model),
+                            args.tools)
+    evals = prepare_prompts(args.eval_dataset, "test", tokenizer, args.max_prompt_len, default_tools=args.tools) \
+        if args.eval_dataset else None
     updates = args.num_ppo_epochs * args.num_mini_batches  # optimizer steps per rollout
     local_batch = args.per_device_batch_size * args.grad_accum_steps * args.num_mini_batches
     batch_size = local_batch * run.world
@@ -582,7 +595,7 @@ def main(args):
                 "perf/time_training": now - t_train, "perf/time_step": now - t0,
                 **throughput(run, policy, sums["tokens"] * args.num_ppo_epochs, batch_size * args.num_ppo_epochs,
                              now - t_train),
-                **sampling_metrics(sums)}
+                **sampling_metrics(sums), **tool_metrics(sums, r["t_tools"])}
             if sums["verifiable"]:  # the verifier's accuracy beside the learned reward: over-optimization shows
                 metrics["objective/verifiable_correct_rate"] = sums["verified"] / sums["verifiable"]
             if "reward_model_score" in sums:
@@ -931,10 +944,16 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
 
 
 def load_rows(name, split):
@@ -1554,17 +1573,58 @@ def check_rl_row(row, where, verified=True):
         raise InputError(f"{where}: {e.args[0]}") from None
 
 
-def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False):
-    """Rows {messages, prompt_ids, ground_truth, verifier} of an RL dataset (`messages`: the prompt,
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
+    for name in names:
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
+
+
+def check_tool_args(args):
+    """--tools names registered tools, --max_tool_calls >= 1."""
+    if args.tools is not None:
+        check_tool_names(args.tools, "--tools", tools.names())
+    if args.max_tool_calls < 1:
+        raise InputError(f"--max_tool_calls must be >= 1, got {args.max_tool_calls}")
+
+
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
+    try:
+        tools.check_chat_template(tokenizer)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def prepare_prompts(name, split, tokenizer, max_prompt_len=None, prompt_only=False, default_tools=None):
+    """Rows {messages, prompt_ids, ground_truth, verifier, tools} of an RL dataset (`messages`: the prompt,
     `ground_truth`, `dataset`: the verifier; with prompt_only, rows may have neither, and a reward model scores
-    them: verifier ""), those whose templated prompt fits in max_prompt_len (None: all); a malformed row stops
-    the run with its index."""
+    them: verifier ""; optionally `tools`, the names of the tools the row may call, which the chat template shows
+    the model), those whose templated prompt fits in max_prompt_len (None: all). default_tools (--tools): the tools
+    of the rows that name none. A malformed row stops the run with its index, and so does the first row with tools
+    if the chat template has no tool-call format or a reward model scores the run."""
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes prepare to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def prepare(row, index):
         check_rl_row(row, f"{name} row {index}", verified=not prompt_only)
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        if row.get("tools") is not None:
+            check_tool_names(row["tools"], f"{name} row {index}: `tools`", list(schemas))
+        names = [n.lower() for n in (row["tools"] if row.get("tools") is not None else default_tools or [])]
+        if names and problem:
+            raise InputError(f"{name} row {index} has tools: {problem}")
+        if names and prompt_only:
+            raise InputError(f"{name} row {index} has tools, and a reward model scores one assistant turn, not a "
+                             "conversation with tool calls: use tools with verifiers only")
+        text = tokenizer.apply_chat_template(row["messages"], tools=[schemas[n] for n in names] or None,
+                                             tokenize=False, add_generation_prompt=True)
         return {"messages": row["messages"], "prompt_ids": tokenizer(text, add_special_tokens=False).input_ids,
-                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower()}
+                "ground_truth": row.get("ground_truth"), "verifier": (row.get("dataset") or "").lower(),
+                "tools": names}
 
     return prepare_dataset(name, split, ["messages"], prepare,
                            lambda row: max_prompt_len is None or len(row["prompt_ids"]) <= max_prompt_len,
@@ -1689,17 +1749,120 @@ def sample(generator, prompts, pad_id, stop_ids, max_new_tokens, temperature=0.0
     return completions, ended, completion_logprobs if sampler else None
 
 
+# per completion: its row has tools; the calls run, and failed; 1 if it ended at --max_tool_calls; the calls' seconds;
+# the tokens their results inserted
+TOOL_COLUMNS = ("tool_offered", "tool_calls", "tool_failures", "tool_limit", "tool_seconds", "tool_tokens")
+
+
+@dataclass
+class Completions:
+    """sample_turns' completions of a batch of prompts: one entry per prompt in each list."""
+
+    ids: list
+    """every token after the prompt: the model's turns and, between them, what the tools' results inserted (the
+    tool messages and the header of the model's next turn, as the chat template renders them)"""
+    sampled: list
+    """a bool per token of ids: whether the model sampled it (only these have loss, advantage and log-probs)"""
+    logprobs: list | None
+    """when sampling, the log-prob each sampled token was drawn with (sample()), in order; None when greedy"""
+    ended: list
+    """whether it ended with its stop token: an answer, or a turn whose calls would pass max_tool_calls; else it was
+    cut at max_new_tokens (also when a tool's results left no room for a next turn)"""
+    answer_start: list
+    """where its last model turn, the answer that verifiers score, begins in ids"""
+    tool_columns: dict
+    """{name: [n] float64} for each of TOOL_COLUMNS"""
+    tool_seconds: float
+    """wall-clock time spent running tools"""
+
+    def answers(self):
+        return [ids[start:] for ids, start in zip(self.ids, self.answer_start)]
+
+
+@torch.no_grad()
+def sample_turns(generator, rows, tokenizer, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, width=None,
+                 max_tool_calls=1):
+    """Completions (a Completions) of rows (their prompt_ids, and the names of the tools each may call), in rounds of
+    sample(): where a turn ends (its stop token) with calls of its row's tools (nanopost.tools' format), the calls
+    run, all of a round's at once, their results are appended (tools.tool_response_ids) and the completion goes on
+    in the next round, sampled from its prompt and everything after it. It ends with a turn without calls, with a
+    turn whose calls would make more than max_tool_calls in all (they do not run), or when max_new_tokens, which
+    counts every token after the prompt, tool results included, runs out. The first round is sample() of the
+    prompts as given (rows without tools end there); later rounds sample the completions still going with a
+    dynamic cache (a static one would recompile for each round's number of them)."""
+    n = len(rows)
+    ids, sampled, ended, answer_start = [[] for _ in rows], [[] for _ in rows], [False] * n, [0] * n
+    logprobs = [[] for _ in rows] if temperature > 0 else None
+    columns = {name: [0.0] * n for name in TOOL_COLUMNS}
+    columns["tool_offered"] = [float(bool(row["tools"])) for row in rows]
+    going, seconds, round_width = list(range(n)), 0.0, width
+    while going:
+        budgets = [max_new_tokens - len(ids[b]) for b in going]
+        turns, stopped, turn_logprobs = sample(generator, [rows[b]["prompt_ids"] + ids[b] for b in going], pad_id,
+                                               stop_ids, max(budgets), temperature, top_p, round_width)
+        calls, round_width = {}, None
+        for k, b in enumerate(going):
+            turn = turns[k][:budgets[k]]
+            answer_start[b], ended[b] = len(ids[b]), stopped[k] and len(turns[k]) <= budgets[k]
+            ids[b] += turn
+            sampled[b] += [True] * len(turn)
+            if logprobs is not None:
+                logprobs[b] += turn_logprobs[k][:len(turn)]
+            found = tools.parse_tool_calls(tokenizer.decode(turn[:-1])) if ended[b] and rows[b]["tools"] else []
+            if columns["tool_calls"][b] + len(found) > max_tool_calls:
+                columns["tool_limit"][b] = 1.0
+            elif found:
+                calls[b] = found
+        jobs = [(b, call) for b, found in calls.items() for call in found]
+        if jobs:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:  # they wait on tools, not on the GIL
+                results = iter(list(pool.map(lambda job: tools.run_tool_call(job[1], allowed=rows[job[0]]["tools"]),
+                                             jobs)))
+            seconds += time.perf_counter() - t0
+        going = []
+        for b, found in calls.items():
+            done = [next(results) for _ in found]
+            columns["tool_calls"][b] += len(done)
+            columns["tool_failures"][b] += sum(not result.ok for result in done)
+            columns["tool_seconds"][b] += sum(result.seconds for result in done)
+            inserted = tools.tool_response_ids(tokenizer, [result.content for result in done])
+            if len(ids[b]) + len(inserted) < max_new_tokens:  # room for the results and a next turn
+                ids[b] += inserted
+                sampled[b] += [False] * len(inserted)
+                columns["tool_tokens"][b] += len(inserted)
+                going.append(b)
+            else:
+                ended[b] = False
+    return Completions(ids, sampled, logprobs, ended, answer_start,
+                       {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}, seconds)
+
+
+def tool_metrics(sums, seconds=None):
+    """TRL's tools/* metrics from the sums of TOOL_COLUMNS over a batch's completions ({} when no row had tools):
+    calls per completion of a row with tools, the fraction of calls that failed, of those completions that ended
+    at --max_tool_calls, and seconds per call; with `seconds`, the wall-clock time spent running tools."""
+    sums = {name: float(sums[name]) for name in TOOL_COLUMNS}
+    if not sums["tool_offered"]:
+        return {}
+    metrics = {"tools/call_frequency": sums["tool_calls"] / sums["tool_offered"],
+               "tools/failure_frequency": sums["tool_failures"] / max(sums["tool_calls"], 1),
+               "tools/loop_exhausted_frac": sums["tool_limit"] / sums["tool_offered"],
+               "tools/latency_s": sums["tool_seconds"] / max(sums["tool_calls"], 1)}
+    return metrics | ({"perf/time_tools": seconds} if seconds is not None else {})
+
+
 def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch_size):
-    """Mean verifier score of greedy completions of rows; each rank takes every world-th row."""
+    """Mean verifier score of greedy completions of rows (with their tools); each rank takes every world-th row."""
     score = torch.zeros(2, dtype=torch.float64, device=run.device)
     mine = rows[run.rank::run.world]
     width = args.max_prompt_len if static_cache(args.generation_cache, run.device) else None
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        completions, _, _ = sample(generator, [r["prompt_ids"] for r in chunk], pad_id, [eot_id],
-                                   args.max_completion_len, width=width)
-        for row, completion in zip(chunk, completions):
-            text = tokenizer.decode(completion, skip_special_tokens=True)
+        completions = sample_turns(generator, chunk, tokenizer, pad_id, [eot_id], args.max_completion_len, width=width,
+                                   max_tool_calls=args.max_tool_calls)
+        for row, answer in zip(chunk, completions.answers()):
+            text = tokenizer.decode(answer, skip_special_tokens=True)
             score[0] += verifiers.get(row["verifier"])(text, row["ground_truth"])
         score[1] += len(chunk)
     dist.all_reduce(score)

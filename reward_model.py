@@ -615,10 +615,16 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
 
 
 def split_pair(row, where):

@@ -50,6 +50,7 @@ from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from nanopost import tools
 from nanopost.kernels import linear_logprobs
 from nanopost.kernels.packed_attention import packed_attention
 
@@ -133,22 +134,24 @@ class Args:
 # Data: chat-template tokenization with a loss mask on assistant turns
 
 
-def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
+def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where, tool_schemas=None):
     """Token ids of the templated conversation and labels that equal the ids on assistant tokens
-    (content + end-of-turn token) and -100 elsewhere. Assistant spans are found by rendering each
-    prefix of the conversation, so any prefix-stable chat template works."""
+    (content, tool calls + end-of-turn token) and -100 elsewhere (tool results too). Assistant spans are found by
+    rendering each prefix of the conversation, so any prefix-stable chat template works. tool_schemas: the JSON
+    schemas of the tools the template shows the model (nanopost.tools.schema)."""
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"{where}: no assistant message, so nothing to learn")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tool_schemas, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if i == 0:
             raise InputError(f"{where}: the conversation starts with an assistant message")
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:i], tools=tool_schemas, tokenize=False,
+                                               add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tools=tool_schemas, tokenize=False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise InputError(f"{where}: the chat template renders turn {i} differently in a longer conversation "
                              "(not prefix-stable), so assistant tokens cannot be located")
@@ -164,10 +167,20 @@ def tokenize_conversation(tokenizer, messages, eot_text, max_seq_len, where):
 
 
 def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len):
-    """Rows {input_ids, labels, n_loss} of a `messages` dataset; a malformed row stops the run with its index."""
+    """Rows {input_ids, labels, n_loss} of a `messages` dataset (optionally `tools`: the names of the tools it
+    offers); a malformed row, or one with tools where the chat template has no tool-call format, stops the run."""
+    # the tools' JSON schemas and what the template lacks, as plain data: datasets hashes tokenize to cache its rows
+    schemas, problem = {n: tools.schema(n) for n in tools.names()}, tool_template_problem(tokenizer)
 
     def tokenize(row, index):
-        ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, f"{name} row {index}")
+        where, names = f"{name} row {index}", row.get("tools")
+        check_messages(row["messages"], where)
+        if names is not None:
+            check_tool_names(names, f"{where}: `tools`", list(schemas))
+        if problem and (names or any(m.get("tool_calls") for m in row["messages"])):
+            raise InputError(f"{where} has tools: {problem}")
+        ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, where,
+                                            [schemas[n.lower()] for n in names or []] or None)
         # the loss at position t predicts token t+1, so the first token never counts
         return {"input_ids": ids, "labels": labels, "n_loss": sum(x != -100 for x in labels[1:])}
 
@@ -612,10 +625,35 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not (isinstance(m.get("content"), str) or calls and m["content"] is None) or \
                 m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InputError(f"{where}: message {j} must be {{role: system|user|assistant|tool, content: str}}, "
                              f"got {m!r:.200}")
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls and all(
+                isinstance(fn := call.get("function", call) if isinstance(call, dict) else None, dict) and
+                isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), (dict, str)) for call in calls)):
+            raise InputError(f"{where}: message {j}: `tool_calls` must be a non-empty list of {{function: {{name: str, "
+                             f"arguments: object or JSON string}}}} in an assistant message, got {calls!r:.200}")
+
+
+def check_tool_names(names, where, known):
+    """A list of names of tools among `known` (nanopost.tools.names(), case-insensitive); InputError names `where`."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InputError(f"{where} must be a list of tool names ({', '.join(known)}), got {names!r:.200}")
+    for name in names:
+        if name.lower() not in known:
+            raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
+
+
+def tool_template_problem(tokenizer):
+    """Why the chat template cannot show the model tools, or render calls and results in the format that
+    nanopost.tools parses (tools.check_chat_template's message); None if it can."""
+    try:
+        tools.check_chat_template(tokenizer)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def load_rows(name, split):

@@ -26,6 +26,11 @@ Files:
     dpo_eval.jsonl   same format, other samples
     rl_train.jsonl   messages (the prompt) + ground_truth (the true result) + dataset="gsm8k"
     test.jsonl       problems in the RL format: the accuracy benchmark
+    sft_tools_train.jsonl  messages (+ tools: the names of the tools a row offers): sft_train.jsonl's
+                     conversations and TOOLS_SIZE tool demonstrations, shuffled. TOOL_ROWS of these offer the
+                     calculator, and in TOOL_CALLS of those the teacher calls it and answers with its
+                     result (`#### 55`); elsewhere it answers itself, slips included. Drawn from streams of
+                     their own (TOOLS_SEED), so the files above do not depend on it
 """
 
 import json
@@ -36,6 +41,10 @@ SEED = 1234  # the problems
 TEACHER_SEED = 7  # the teacher's slips: a separate stream, so SLIP does not change the problems
 SLIP = 0.8  # how often the teacher drops a needed carry in a two-digit addition
 SIZES = {"sft_train": 6000, "sft_eval": 200, "dpo_train": 3000, "dpo_eval": 200, "rl_train": 3000, "test": 300}
+TOOLS_SEED = 4321  # the tool demonstrations: their problems and choices; TOOLS_SEED + 1: the teacher's slips
+TOOLS_SIZE = 3000
+TOOL_ROWS = 0.8  # the fraction of tool demonstrations that offer the calculator
+TOOL_CALLS = 0.4  # how often the teacher calls it where the row offers it
 OUT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -93,6 +102,22 @@ def conversation(expr, answer):
     return [{"role": "user", "content": prompt_text(expr)}, {"role": "assistant", "content": answer_text(expr, answer)}]
 
 
+def tool_demonstration(rng, teacher):
+    """A problem whose row offers the calculator: in TOOL_CALLS of them the teacher calls it (Qwen's format,
+    the arguments as a JSON string, as Arrow stores them uniformly) and answers with its result; in the others it
+    answers itself. Without the calculator, a plain demonstration."""
+    expr, answer = sample_problem(rng)
+    if rng.random() >= TOOL_ROWS:
+        return {"messages": conversation(expr, teacher_answer(teacher, expr, answer)), "tools": None}
+    if rng.random() >= TOOL_CALLS:
+        return {"messages": conversation(expr, teacher_answer(teacher, expr, answer)), "tools": ["calculator"]}
+    call = {"type": "function", "function": {"name": "calculator", "arguments": json.dumps({"expression": expr})}}
+    return {"messages": [{"role": "user", "content": prompt_text(expr)},
+                         {"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "content": str(answer)},
+                         {"role": "assistant", "content": f"#### {answer}"}], "tools": ["calculator"]}
+
+
 def main():
     rng, teacher = random.Random(SEED), random.Random(TEACHER_SEED)
     test = [sample_problem(rng) for _ in range(SIZES["test"])]
@@ -120,6 +145,10 @@ def main():
                                  "ground_truth": str(answer), "dataset": "gsm8k"})
     rows["test"] = [{"messages": [{"role": "user", "content": prompt_text(expr)}],
                      "ground_truth": str(answer), "dataset": "gsm8k"} for expr, answer in test]
+
+    rng, teacher = random.Random(TOOLS_SEED), random.Random(TOOLS_SEED + 1)
+    rows["sft_tools_train"] = rows["sft_train"] + [tool_demonstration(rng, teacher) for _ in range(TOOLS_SIZE)]
+    rng.shuffle(rows["sft_tools_train"])
 
     for name, items in rows.items():
         with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:

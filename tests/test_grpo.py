@@ -92,13 +92,15 @@ def test_loss_types_match_their_definitions_when_split_over_ranks_and_micro_batc
     torch.testing.assert_close(total, expected)
 
 
-def test_micro_batch_targets_are_the_completion_tokens():
-    seqs = [([5, 6, 7], [8, 9], True), ([5], [10, 11, 12], True), ([5, 6], [13], False)]
+def test_micro_batch_targets_are_the_completion_tokens_the_model_sampled():
+    """The third of each triple marks the tokens with loss: a tool's result (14, 15 here) is context."""
+    seqs = [([5, 6, 7], [8, 9], [True, True]), ([5], [10, 14, 15, 12], [True, False, False, True]),
+            ([5, 6], [13], [False])]
     batch = grpo.micro_batch(seqs, False, pad_id=0)
     ids, targets = batch["input_ids"], batch["targets"]
-    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0], [5, 6, 13, 0, 0]]
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 14, 15, 12], [5, 6, 13, 0, 0]]
     # position t predicts token t + 1: targets sit one before each completion token
-    assert targets.tolist() == [[-100, -100, 8, 9, -100], [10, 11, 12, -100, -100], [-100] * 5]
+    assert targets.tolist() == [[-100, -100, 8, 9, -100], [10, -100, -100, 12, -100], [-100] * 5]
 
 
 def test_sampling_stops_at_end_of_turn_and_reports_truncation():
