@@ -44,7 +44,7 @@ SIZES = {"sft_train": 6000, "sft_eval": 200, "dpo_train": 3000, "dpo_eval": 200,
 TOOLS_SEED = 4321  # the tool demonstrations: their problems and choices; TOOLS_SEED + 1: the teacher's slips
 TOOLS_SIZE = 3000
 TOOL_ROWS = 0.8  # the fraction of tool demonstrations that offer the calculator
-TOOL_CALLS = 0.4  # how often the teacher calls it where the row offers it
+TOOL_CALLS = 0.6  # how often the teacher calls it where the row offers it
 OUT = os.path.dirname(os.path.abspath(__file__))
 
 

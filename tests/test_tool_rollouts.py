@@ -452,8 +452,8 @@ def test_sft_learns_the_calls_and_not_the_results(tokenizer):
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory):
     """The README's tool demo SFT: the tiny model trained from scratch on the demo's demonstrations, some calling
-    the calculator (data/sft_tools_train.jsonl). Where the prompt offers the calculator it calls it in about 40%
-    of its samples, greedily in few. (Fine-tuning the demo SFT model on them instead, for 300 or 600 steps, gave
+    the calculator (data/sft_tools_train.jsonl). Where the prompt offers the calculator it calls it in about 60%
+    of its samples, and greedily on every held-out carry problem. (Fine-tuning the demo SFT model on them instead, for 300 or 600 steps, gave
     well-formed calls with the wrong numbers in them: copying the question into the call, 60 tokens on, is what
     the tiny model learns only from the start.)"""
     out = tmp_path_factory.mktemp("tool_sft") / "run"
@@ -551,21 +551,22 @@ def carry_accuracy(model, rows, tools_):
 
 
 @pytest.mark.slow
-def test_grpo_learns_to_call_the_calculator_where_it_pays(tool_model, tmp_path):
-    """GRPO with the calculator, from the tool demo's SFT model: the verifier's reward makes the model call the
-    calculator on the carry problems that its demonstrations got wrong, and their held-out greedy accuracy with
-    the tool rises. Measured (15 steps of 8 prompts x 8 samples, 96 s on the 2-core machine under other load):
-    greedy accuracy on the 52 held-out carry problems with the calculator 0.154 -> 0.942, calls per completion
-    on them 0.12 -> 1.00."""
+def test_grpo_with_the_calculator_against_the_same_run_without_it(tool_model, tmp_path):
+    """GRPO from the tool demo's SFT model with the calculator, and the same run without it (README, Tools): with
+    it the model calls the calculator in more of its samples as training goes on, and on the 52 held-out carry
+    problems, which its demonstrations answered wrong without the tool, its greedy accuracy with the tool ends far
+    above the other run's. Measured (15 steps of 8 prompts x 8 samples each, the 2-core machine): carry problems
+    94.2% with the calculator (1.00 calls each) against 3.8% without it; calls per sample in training 0.71 in the
+    first 3 steps, 0.98 in the last 3."""
     test_rows = [json.loads(line) for line in open(ROOT / "data" / "test.jsonl")]
     carry = write_jsonl(tmp_path / "carry.jsonl",
                         [r for r in test_rows if is_carry_problem(r["messages"][0]["content"])])
-    before, calls_before = carry_accuracy(tool_model, carry, ["calculator"])
-    run_script("grpo.py", "--model", tool_model, "--tools", "calculator", "--max_completion_len", 192,
-               "--max_steps", 15, "--per_device_batch_size", 64, "--lr", 1e-4, "--eval_dataset", "None",
-               "--output_dir", tmp_path / "grpo")
-    after, calls_after = carry_accuracy(tmp_path / "grpo" / "final", carry, ["calculator"])
-    assert after >= before + 0.5, (before, after, calls_before, calls_after)
-    assert calls_after >= calls_before + 0.5, (calls_before, calls_after)
-    metrics = read_metrics(tmp_path / "grpo")
-    assert metrics[max(metrics)]["tools/call_frequency"] > metrics[1]["tools/call_frequency"]
+    common = ["--model", tool_model, "--max_completion_len", 192, "--max_steps", 15, "--per_device_batch_size", 64,
+              "--lr", 1e-4, "--eval_dataset", "None"]
+    run_script("grpo.py", *common, "--tools", "calculator", "--output_dir", tmp_path / "with")
+    run_script("grpo.py", *common, "--output_dir", tmp_path / "without")
+    with_tool, calls = carry_accuracy(tmp_path / "with" / "final", carry, ["calculator"])
+    without_tool, _ = carry_accuracy(tmp_path / "without" / "final", carry, None)
+    assert with_tool >= 0.8 and calls >= 0.9 and with_tool >= without_tool + 0.5, (with_tool, calls, without_tool)
+    frequency = [row["tools/call_frequency"] for _, row in sorted(read_metrics(tmp_path / "with").items())]
+    assert sum(frequency[-3:]) / 3 >= sum(frequency[:3]) / 3 + 0.15, frequency
