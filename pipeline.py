@@ -39,7 +39,7 @@ import eval as evaluation
 PPO = ["--max_steps", "120", "--lr", "1e-4", "--value_lr", "3e-4", "--lam", "1.0", "--num_ppo_epochs", "2",
        "--per_device_batch_size", "64", "--eval_every", "40"]
 STAGES = [
-    ("sft", None, "the teacher's demonstrations", [("sft.py", ["--num_epochs", "4", "--eval_every", "75"])]),
+    ("sft", None, "the teacher's demonstrations", [("sft.py", ["--num_epochs", "6", "--eval_every", "75"])]),
     ("dpo", "sft", "preference pairs", [("dpo.py", ["--loss_type", "dpo_norm", "--beta", "5", "--lr", "3e-5",
                                                     "--max_steps", "64", "--eval_every", "16"])]),
     ("reward_model", "sft", "preference pairs", [("reward_model.py", ["--num_epochs", "1", "--eval_every", "47"])]),
