@@ -125,9 +125,13 @@ def greedy_accuracy(model_dir, n_rows=300):
 
 @pytest.fixture(scope="session")
 def sft_demo_checkpoint(tmp_path_factory):
-    """(final checkpoint dir, (held-out accuracy, on carry problems)) of the demo SFT run."""
+    """(final checkpoint dir, (held-out accuracy, on carry problems)) of the demo SFT run: pipeline.py's SFT stage."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline import STAGES
+
+    (script, flags), = STAGES[0][3]
     out = tmp_path_factory.mktemp("sft_demo") / "run"
-    run_script("sft.py", "--output_dir", out)
+    run_script(script, *flags, "--output_dir", out)
     return out / "final", greedy_accuracy(out / "final")
 
 
