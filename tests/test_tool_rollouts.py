@@ -458,7 +458,7 @@ def tool_model(tmp_path_factory):
     the tiny model learns only from the start.)"""
     out = tmp_path_factory.mktemp("tool_sft") / "run"
     run_script("sft.py", "--dataset", ROOT / "data" / "sft_tools_train.jsonl", "--max_seq_len", 384,
-               "--eval_dataset", "None", "--output_dir", out)
+               "--eval_dataset", "None", "--output_dir", out, timeout=1800)
     return out / "final"
 
 
