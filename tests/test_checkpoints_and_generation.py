@@ -280,6 +280,18 @@ def complete_checkpoints(out):
     return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*") if p.name.split("_")[1].isdigit())
 
 
+def test_a_deletion_that_a_kill_cut_short_is_finished_by_the_next_save(tmp_path):
+    """A kill while an old step_N was being deleted leaves step_N.tmp (its step_N is gone, so no later rotation
+    names it): the next save removes it."""
+    out = tmp_path / "run"
+    flags = ["--eval_dataset", "None", "--per_device_batch_size", "4", "--save_every", "1", "--save_total_limit", "2",
+             "--output_dir", out]
+    run_script("sft.py", *flags, "--max_steps", 2)
+    (out / "step_1").rename(out / "step_1.tmp")  # as the kill left it: renamed, not yet deleted
+    run_script("sft.py", *flags, "--max_steps", 3, "--resume")
+    assert complete_checkpoints(out) == [2, 3] and not list(out.glob("*.tmp"))
+
+
 def test_save_total_limit_keeps_the_newest_complete_checkpoint_through_sigkills(tmp_path):
     """A run that saves every step and keeps 2 checkpoints is SIGKILLed at 5 random moments (most land in a
     save: a step takes a fraction of a second, its save most of that); each time the newest step_N is

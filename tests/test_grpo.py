@@ -336,14 +336,15 @@ def test_a_run_that_cannot_learn_says_so(tmp_path, sft_demo_checkpoint):
 @pytest.mark.slow
 def test_grpo_raises_held_out_accuracy(demo_pipeline):
     """The pipeline's GRPO stage (from the DPO model: 150 steps of 16 prompts x 8 samples, lr 1e-4
-    with warmup and cosine decay, about 95 s on 2 cores) raises greedy accuracy on the 300
+    with warmup and cosine decay, about 4 min on one core) raises greedy accuracy on the 300
     held-out problems, and most on the two-digit carry problems that the SFT teacher demonstrated
-    with the carry dropped: the verifier's reward teaches what imitation could not. Measured:
-    accuracy 0.690 -> 0.767 (eval/accuracy every 25 steps: 0.69 0.71 0.73 0.73 0.74 0.77 0.77),
-    carry problems 0.04 -> 0.42, training reward 0.53 -> 0.60 (first vs last 20 steps)."""
+    with the carry dropped: the verifier's reward teaches what imitation could not. Measured (seed 1,
+    what CI runs): accuracy 0.827 -> 0.880 (eval/accuracy every 25 steps: 0.827 0.847 0.847 0.84 0.87
+    0.877 0.88), carry problems 0.115 -> 0.519, training reward 0.69 -> 0.76 (first vs last 20 steps);
+    over the README's 6 runs at least +5.0 points, +40 on the carry problems, +0.07 reward."""
     out, results = demo_pipeline
     accuracy, carry = results["accuracy"], results["carry_accuracy"]
-    assert accuracy["grpo"] >= accuracy["dpo"] + 0.04, accuracy
+    assert accuracy["grpo"] >= accuracy["dpo"] + 0.03, accuracy
     assert carry["grpo"] >= carry["dpo"] + 0.2, carry
     metrics = read_metrics(out / "grpo")
     last = max(metrics)

@@ -194,15 +194,17 @@ def test_dpo_forward(packed):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_grpo_forward(packed):
     lm = fp64_model()
-    # (prompt, completion, has loss): a one-token completion, one filling the maximum length, one without loss
-    sequences = [(random_ids(n_prompt), random_ids(n_completion), has_loss)
-                 for n_prompt, n_completion, has_loss in ((5, 1, True), (20, MAX_LEN - 20, True), (3, 30, True),
-                                                          (7, 5, False), (11, 8, True))]
+    # (prompt, completion, loss mask): a one-token completion, one filling the maximum length, one whose middle is
+    # a tool's result (context, no loss), one without loss
+    masks = {1: [True], MAX_LEN - 20: [True] * (MAX_LEN - 20), 30: [True] * 10 + [False] * 12 + [True] * 8,
+             5: [False] * 5, 8: [True] * 8}
+    sequences = [(random_ids(n_prompt), random_ids(n_completion), masks[n_completion])
+                 for n_prompt, n_completion in ((5, 1), (20, MAX_LEN - 20), (3, 30), (7, 5), (11, 8))]
     batch = grpo.micro_batch(sequences, packed, pad_id=0)
 
     def reference():
-        outputs = [alone(lm, p + c, [-100] * (len(p) - 1) + c + [-100], temperature=0.7)
-                   for p, c, has_loss in sequences if has_loss]
+        outputs = [alone(lm, p + c, [-100] * (len(p) - 1) + [t if m else -100 for t, m in zip(c, mask)] + [-100],
+                         temperature=0.7) for p, c, mask in sequences if any(mask)]
         return [torch.cat([logp for logp, _ in outputs]), torch.cat([entropy for _, entropy in outputs])]
 
     check_against_fp64(lm, packed, lambda: grpo.PolicyLogprobs(lm)(**batch, temperature=0.7, with_entropy=True),

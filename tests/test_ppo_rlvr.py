@@ -309,14 +309,14 @@ def test_ppo_raises_held_out_accuracy_and_fits_values(demo_pipeline):
     """The pipeline's PPO stage (from the DPO model: 60 rollouts of 64 prompts, 2 PPO epochs each, so 120
     optimizer steps, lr 1e-4, value lr 3e-4, lam 1, beta 0.05) raises greedy accuracy on the 300 held-out
     problems, and most on the two-digit carry problems that the SFT teacher demonstrated with the carry
-    dropped, while the value model learns to predict the score. Measured: accuracy 0.690 -> 0.767
-    (eval/accuracy every 20 rollouts: 0.69 0.71 0.743 0.767), carry problems 0.04 -> 0.35,
-    loss/value_avg 18.0 -> 11.3 and objective/scores 5.25 -> 5.89 out of 10 (first vs last 10
-    rollouts)."""
+    dropped, while the value model learns to predict the score. Measured (seed 1, what CI runs): accuracy
+    0.827 -> 0.850 (eval/accuracy every 20 rollouts: 0.827 0.757 0.797 0.85), carry problems 0.115 -> 0.462,
+    loss/value_avg 19.0 -> 8.5 and objective/scores 6.41 -> 7.23 out of 10 (first vs last 10 rollouts); over
+    the README's 6 runs at least +2.3 points, +34.7 on the carry problems, +0.65 in scores."""
     out, results = demo_pipeline
     accuracy, carry = results["accuracy"], results["carry_accuracy"]
-    assert accuracy["ppo"] >= accuracy["dpo"] + 0.04, accuracy
-    assert carry["ppo"] >= carry["dpo"] + 0.15, carry
+    assert accuracy["ppo"] > accuracy["dpo"], accuracy
+    assert carry["ppo"] >= carry["dpo"] + 0.25, carry
     metrics = read_metrics(out / "ppo")
     rollouts = sorted(step for step in metrics if "objective/scores" in metrics[step])  # logged after each one
     first_10, last_10 = rollouts[:10], rollouts[-10:]
