@@ -408,8 +408,7 @@ def make_rollout(args, run, index, model, reference, reward_model, generator, tr
                 mb["old_logp"] = model(**batch, temperature=args.temperature)[0].cpu()
 
     metrics = rollout_metrics(scores, rewards, zero_std, [train[i]["verifier"] for i in indices for _ in range(G)],
-                              t_generation)
-    metrics |= tool_metrics({name: scores[name].sum() for name in TOOL_COLUMNS}, completions.tool_seconds)
+                              t_generation, completions.tool_seconds)
     prompt_lengths = torch.tensor([len(train[i]["prompt_ids"]) for i in indices]).repeat_interleave(G)
     return {"micro_batches": micro_batches, "metrics": metrics, "n_sequences": int(kept.sum()),
             # the prompt and completion tokens that the training forwards process, for throughput
@@ -1804,10 +1803,10 @@ def greedy_accuracy(generator, rows, tokenizer, pad_id, eot_id, args, run, batch
     return (score[0] / score[1]).item()
 
 
-def rollout_metrics(scores, rewards, zero_std, verifier_of, seconds):
+def rollout_metrics(scores, rewards, zero_std, verifier_of, seconds, tool_seconds):
     """TRL's metrics of a rollout's global batch: its rewards, each verifier's mean score (verifier_of: each
-    completion's; "" for none) and the other rewards' beside them, the completions' lengths and truncation, and
-    the time generation took (seconds)."""
+    completion's; "" for none) and the other rewards' beside them, the completions' lengths and truncation, the
+    time generation took (seconds), and the tools' (tool_metrics; tool_seconds: this rank's time in tools)."""
     metrics = {"reward": rewards.mean().item(), "reward_std": rewards.view(len(zero_std), -1).std(1).mean().item(),
                "frac_reward_zero_std": zero_std.double().mean().item(),
                "completions/mean_length": scores["length"].mean().item(),
@@ -1820,7 +1819,7 @@ def rollout_metrics(scores, rewards, zero_std, verifier_of, seconds):
     for name in ("format", "reward_model"):
         if name in scores:
             metrics[f"rewards/{name}/mean"] = scores[name].mean().item()
-    return metrics
+    return metrics | tool_metrics({name: scores[name].sum() for name in TOOL_COLUMNS}, tool_seconds)
 
 
 def all_gather_columns(columns, device):

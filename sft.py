@@ -174,11 +174,7 @@ def tokenize_dataset(name, split, tokenizer, eot_text, max_seq_len):
 
     def tokenize(row, index):
         where, names = f"{name} row {index}", row.get("tools")
-        check_messages(row["messages"], where)
-        if names is not None:
-            check_tool_names(names, f"{where}: `tools`", list(schemas))
-        if problem and (names or any(m.get("tool_calls") for m in row["messages"])):
-            raise InputError(f"{where} has tools: {problem}")
+        check_tool_row(row, where, list(schemas), problem)
         ids, labels = tokenize_conversation(tokenizer, row["messages"], eot_text, max_seq_len, where,
                                             [schemas[n.lower()] for n in names or []] or None)
         # the loss at position t predicts token t+1, so the first token never counts
@@ -644,6 +640,16 @@ def check_tool_names(names, where, known):
     for name in names:
         if name.lower() not in known:
             raise InputError(f"{where}: no tool named {name!r}; the tools are: {', '.join(known)}")
+
+
+def check_tool_row(row, where, known, problem):
+    """An SFT row's messages, its `tools` (names among `known`, or absent) and, where it has tools or tool calls, a
+    chat template that can render them (problem: tool_template_problem's answer); InputError names `where`."""
+    check_messages(row["messages"], where)
+    if row.get("tools") is not None:
+        check_tool_names(row["tools"], f"{where}: `tools`", known)
+    if problem and (row.get("tools") or any(m.get("tool_calls") for m in row["messages"])):
+        raise InputError(f"{where} has tools: {problem}")
 
 
 def tool_template_problem(tokenizer):
