@@ -1382,18 +1382,19 @@ def earlier_run(output_dir):
 
 def prepare_output_dir(output_dir, resumed_step):
     """A fresh run (resumed_step None) deletes an earlier run's files, which check_args let through
-    only with --overwrite_output_dir; a resumed run drops the metrics.jsonl rows logged after its
-    checkpoint, so that every step is logged once."""
+    only with --overwrite_output_dir; a resumed run deletes what a crash left half-written or half-deleted
+    (step_N.tmp, final.tmp) and drops the metrics.jsonl rows logged after its checkpoint, so that every step is
+    logged once."""
     os.makedirs(output_dir, exist_ok=True)
     metrics = os.path.join(output_dir, "metrics.jsonl")
-    if resumed_step is None:
-        for name in earlier_run(output_dir):
+    for name in earlier_run(output_dir):
+        if resumed_step is None or name.endswith(".tmp"):
             path = os.path.join(output_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             else:
                 os.remove(path)
-    elif os.path.exists(metrics):
+    if resumed_step is not None and os.path.exists(metrics):
         with open(metrics) as f:
             # a last line without its newline was cut short by a crash: dropped too
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]

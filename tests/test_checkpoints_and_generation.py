@@ -282,14 +282,17 @@ def complete_checkpoints(out):
 
 def test_a_deletion_that_a_kill_cut_short_is_finished_by_the_next_save(tmp_path):
     """A kill while an old step_N was being deleted leaves step_N.tmp (its step_N is gone, so no later rotation
-    names it): the next save removes it."""
+    names it): --resume removes it, also when the run has no step left to train (the kill came in the last
+    save's rotation)."""
     out = tmp_path / "run"
     flags = ["--eval_dataset", "None", "--per_device_batch_size", "4", "--save_every", "1", "--save_total_limit", "2",
              "--output_dir", out]
-    run_script("sft.py", *flags, "--max_steps", 2)
-    (out / "step_1").rename(out / "step_1.tmp")  # as the kill left it: renamed, not yet deleted
-    run_script("sft.py", *flags, "--max_steps", 3, "--resume")
-    assert complete_checkpoints(out) == [2, 3] and not list(out.glob("*.tmp"))
+    run_script("sft.py", *flags, "--max_steps", 3)
+    for max_steps in (3, 4):
+        (out / f"step_{max_steps - 2}.tmp").mkdir()  # as the kill left it: renamed, partly deleted
+        (out / f"step_{max_steps - 2}.tmp" / "rank0.pt").write_bytes(b"")
+        run_script("sft.py", *flags, "--max_steps", max_steps, "--resume")
+        assert complete_checkpoints(out) == [max_steps - 1, max_steps] and not list(out.glob("*.tmp"))
 
 
 def test_save_total_limit_keeps_the_newest_complete_checkpoint_through_sigkills(tmp_path):
