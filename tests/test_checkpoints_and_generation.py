@@ -299,9 +299,10 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoint_through_sigkills(
     """A run that saves every step and keeps 2 checkpoints is SIGKILLed at 5 random moments (most land in a
     save: a step takes a fraction of a second, its save most of that); each time the newest step_N is
     complete, at most one older one is left beside the 2 (its deletion may be cut short, as step_N.tmp),
-    and --resume continues from it, until the run ends with every step logged once."""
+    and --resume continues from it, until the run ends with every step logged once. The run is long enough
+    that no restart can finish it before its kill comes (a restart trains a few steps in the 0.5 s it gets)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "sft.py", "--eval_dataset", "None", "--per_device_batch_size", "4", "--max_steps", "14",
+    cmd = [sys.executable, "sft.py", "--eval_dataset", "None", "--per_device_batch_size", "4", "--max_steps", "40",
            "--save_every", "1", "--save_total_limit", "2", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     moments = random.Random(0)
@@ -320,8 +321,8 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoint_through_sigkills(
         assert (out / f"step_{saved[-1]}" / "trainer_state.json").exists() and \
             (out / f"step_{saved[-1]}" / "rank0.pt").exists()
     run_script("sft.py", *cmd[2:], "--resume")
-    assert complete_checkpoints(out) == [13, 14] and not list(out.glob("*.tmp"))
-    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 15))
+    assert complete_checkpoints(out) == [39, 40] and not list(out.glob("*.tmp"))
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 41))
 
 
 def test_resume_refuses_a_checkpoint_that_would_unpickle_code(tmp_path):
