@@ -1014,8 +1014,8 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, k
     `state` (JSON) in trainer_state.json; each rank's RNG state and `rollout` (what later steps reuse) in
     rank{r}.pt. Written to path.tmp and renamed, so a crash never leaves a partial step_N, and a failed write
     (disk full...) ends the run with a FatalError on every rank, leaving the earlier step_N as they were; then
-    all but the newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted, and with them
-    any step_N.tmp that a crash left."""
+    all but the newest `keep` step_N go (None: none), each renamed to step_N.tmp before it is deleted (what a
+    crash leaves of one, --resume deletes: prepare_output_dir)."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1043,9 +1043,7 @@ def save_checkpoint(path, models, schedulers, step, state, rank, rollout=None, k
             old = os.path.join(output_dir, f"step_{old}")
             shutil.rmtree(old + ".tmp", ignore_errors=True)
             os.replace(old, old + ".tmp")
-        for name in os.listdir(output_dir):  # those deletions, and any that a kill cut short before
-            if re.fullmatch(r"step_\d+\.tmp", name):
-                shutil.rmtree(os.path.join(output_dir, name))
+            shutil.rmtree(old + ".tmp")
     dist.barrier()
 
 

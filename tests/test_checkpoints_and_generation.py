@@ -280,7 +280,7 @@ def complete_checkpoints(out):
     return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*") if p.name.split("_")[1].isdigit())
 
 
-def test_a_deletion_that_a_kill_cut_short_is_finished_by_the_next_save(tmp_path):
+def test_a_deletion_that_a_kill_cut_short_is_finished_by_resume(tmp_path):
     """A kill while an old step_N was being deleted leaves step_N.tmp (its step_N is gone, so no later rotation
     names it): --resume removes it, also when the run has no step left to train (the kill came in the last
     save's rotation)."""
